@@ -52,8 +52,9 @@ class MLP(nn.Module):
     act = _activation(self.activation)
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
-      # Dense keeps its bias under BN, as in the original Keras model (BN cancels it).
-      x = nn.Dense(width)(x)
+      # No bias before BN: BN subtracts it again, so its gradient is rounding noise, which
+      # Adam would blow up into random steps (the original Keras model had the redundant bias).
+      x = nn.Dense(width, use_bias=self.norm == 'none')(x)
       x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name)(
           x, train=train, mask=mask)
       x = act(x)
@@ -77,7 +78,7 @@ class CNN(nn.Module):
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
     for width in self.features:
-      x = nn.Conv(width, (3, 3))(x)
+      x = nn.Conv(width, (3, 3), use_bias=self.norm == 'none')(x)
       x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name)(
           x, train=train, mask=mask)  # BN on conv maps: statistics per channel
       x = nn.max_pool(act(x), (2, 2), strides=(2, 2))

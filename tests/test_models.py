@@ -1,0 +1,120 @@
+"""BatchNorm against closed forms; parameter counts; the norm switch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bn_jax import models
+
+X = np.array([[1., 2., -1.], [3., 0., -1.], [5., 4., -1.], [7., 2., 3.]], np.float32)
+
+
+def _bn(momentum=0.9, epsilon=1e-3):
+  norm = models.Norm('batch', momentum=momentum, epsilon=epsilon)
+  variables = norm.init(jax.random.key(0), jnp.asarray(X), train=False)
+  return norm, variables
+
+
+def test_train_mode_normalizes_with_batch_statistics():
+  norm, variables = _bn(epsilon=1e-3)
+  gamma, beta = np.array([2., 0.5, 1.], np.float32), np.array([0., 1., -3.], np.float32)
+  params = {'BatchNorm': {'scale': gamma, 'bias': beta}}
+  y, _ = norm.apply({'params': params, 'batch_stats': variables['batch_stats']}, X, train=True,
+                    mutable=['batch_stats'])
+  # By hand: column means (4, 2, 0), biased variances (5, 2, 3).
+  mean, var = np.array([4., 2., 0.]), np.array([5., 2., 3.])
+  expected = gamma * (X - mean) / np.sqrt(var + 1e-3) + beta
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_running_averages_follow_closed_form_and_eval_uses_them():
+  m, k = 0.9, 3
+  norm, variables = _bn(momentum=m)
+  stats = variables['batch_stats']
+  for _ in range(k):  # the same batch k times: ra = m^k * init + (1 - m^k) * batch statistic
+    _, updates = norm.apply({'params': variables['params'], 'batch_stats': stats}, X,
+                            train=True, mutable=['batch_stats'])
+    stats = updates['batch_stats']
+  w = 1 - m**k  # = 0.271
+  mean, var = np.array([4., 2., 0.]), np.array([5., 2., 3.])
+  np.testing.assert_allclose(stats['BatchNorm']['mean'], w * mean, rtol=1e-5)
+  np.testing.assert_allclose(stats['BatchNorm']['var'], (1 - w) * 1.0 + w * var, rtol=1e-5)
+
+  # Eval mode: normalizes with the running averages (gamma=1, beta=0 at init) ...
+  variables = {'params': variables['params'], 'batch_stats': stats}
+  y, updates = norm.apply(variables, X, train=False, mutable=['batch_stats'])
+  expected = (X - w * mean) / np.sqrt((1 - w) + w * var + 1e-3)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+  # ... and changes nothing.
+  jax.tree.map(np.testing.assert_array_equal, updates['batch_stats'], stats)
+
+
+def test_running_mean_of_two_different_batches():
+  # Batches of constant blocks, values 1 then 2, momentum 0.9:
+  # after 1: 0.1 * 1 = 0.1; after 2: 0.9 * 0.1 + 0.1 * 2 = 0.29.
+  norm = models.Norm('batch', momentum=0.9)
+  ones = jnp.ones((4, 3))
+  variables = norm.init(jax.random.key(0), ones, train=False)
+  stats = variables['batch_stats']
+  for value in (1.0, 2.0):
+    _, updates = norm.apply({'params': variables['params'], 'batch_stats': stats},
+                            value * ones, train=True, mutable=['batch_stats'])
+    stats = updates['batch_stats']
+  np.testing.assert_allclose(stats['BatchNorm']['mean'], [0.29] * 3, rtol=1e-6)
+  # Constant batches have variance 0: var = 0.9 * 0.9 * 1 = 0.81.
+  np.testing.assert_allclose(stats['BatchNorm']['var'], [0.81] * 3, rtol=1e-6)
+
+
+def test_mask_keeps_padding_out_of_batch_statistics():
+  norm, variables = _bn()
+  padded = np.concatenate([X, 100 * np.ones((2, 3), np.float32)])
+  mask = np.array([1, 1, 1, 1, 0, 0], bool)
+  y_pad, up_pad = norm.apply(variables, padded, train=True, mask=mask, mutable=['batch_stats'])
+  y, up = norm.apply(variables, X, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(y_pad[:4], y, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), up_pad, up)
+
+
+def test_conv_batchnorm_is_per_channel():
+  norm = models.Norm('batch', epsilon=0.0)
+  x = jax.random.normal(jax.random.key(1), (8, 5, 5, 3)) * jnp.array([1., 10., 100.])
+  x = x + jnp.array([-5., 0., 50.])
+  variables = norm.init(jax.random.key(0), x, train=False)
+  assert variables['batch_stats']['BatchNorm']['mean'].shape == (3,)
+  y, _ = norm.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+  np.testing.assert_allclose(y.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize('norm, params, stats', [
+    ('none', 784 * 128 + 128 + 128 * 10 + 10, 0),  # 101,770
+    # No Dense bias before BN (beta replaces it); + gamma, beta; running mean, var.
+    ('batch', 784 * 128 + 2 * 128 + 128 * 10 + 10, 2 * 128),  # 101,898
+])
+def test_mlp_parameter_counts(norm, params, stats):
+  model = models.create_model('mlp', norm=norm)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  assert models.num_params(variables['params']) == params
+  assert models.num_params(variables.get('batch_stats', {})) == stats
+
+
+def test_cnn_has_bn_per_conv_channel_and_runs():
+  model = models.create_model('cnn', norm='batch')
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)
+  assert [v['BatchNorm']['mean'].shape for v in variables['batch_stats'].values()] == [
+      (32,), (64,)]
+  logits, updates = model.apply(variables, jnp.ones((2, 28, 28, 1)), train=True,
+                                mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
+  assert logits.shape == (2, 10)
+  assert set(updates['batch_stats']) == set(variables['batch_stats'])
+  no_bn = models.create_model('cnn', norm='none').init(
+      jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)
+  assert 'batch_stats' not in no_bn
+
+
+def test_bad_names_are_clear_errors():
+  with pytest.raises(ValueError, match="unknown model 'resnet'"):
+    models.create_model('resnet')
+  with pytest.raises(ValueError, match="unknown norm 'layer'"):
+    models.create_model('mlp', norm='layer')
