@@ -4,6 +4,7 @@ import collections
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -63,6 +64,7 @@ def plot_curves(records, path, keys=('model', 'norm')):
       ax.grid(alpha=0.3)
   for ax in axes[1]:
     ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   axes[0, 0].legend()
   fig.suptitle('mean over seeds; band: min..max over seeds')
   save_figure(fig, path)
