@@ -5,7 +5,9 @@ A result record is one JSON object per run, the same shape in every experiment:
 final, wall_seconds, status, versions, devices` (see README, "Result records").
 """
 
+import concurrent.futures
 import json
+import math
 import os
 import platform
 import tempfile
@@ -29,6 +31,10 @@ def base_config():
   c.split_seed = 42  # the validation split is the same for every run
   c.model = 'mlp'  # mlp | cnn
   c.norm = 'batch'  # none | batch
+  # Where BN's training statistics come from: 'sync' = the whole batch; 'ghost' = groups of
+  # bn_group_size examples (ghost BN), separating the statistics batch from the optimizer's.
+  c.bn_stats = 'sync'
+  c.bn_group_size = 0
   c.hidden = (128,)  # MLP hidden widths
   c.dropout = 0.2
   c.activation = 'relu'
@@ -37,35 +43,103 @@ def base_config():
   c.learning_rate = 1e-3
   c.batch_size = 32
   c.epochs = 5
+  c.max_steps = 0  # a budget in steps instead of epochs (0: use epochs)
   c.seeds = 3  # seeds 0 .. seeds-1, trained together in one program
-  c.chunk_steps = 0  # train steps per dispatched program; 0 = a whole epoch
+  c.chunk_steps = 0  # train steps per dispatched program; 0 = up to the next evaluation
+  c.evals_per_epoch = 1  # validation points per epoch (the `curve` of each record)
+  c.target_val_accuracy = 0.0  # > 0: records steps/examples to reach it
   c.eval_batch_size = 1000
   c.progress = True
+  c.compilation_cache = True  # JAX's persistent compilation cache
+  c.compilation_cache_dir = ''  # '' = $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax)
   return c
 
 
 def make_model(config, **overrides):
   """The model a config describes; `overrides` replace config entries (e.g. norm='none')."""
   c = {**config.to_dict(), **overrides}
-  kwargs = dict(norm=c['norm'], dropout=c['dropout'], activation=c['activation'],
-                bn_momentum=c['bn_momentum'], bn_epsilon=c['bn_epsilon'])
+  if c['bn_stats'] not in ('sync', 'ghost'):
+    raise ValueError(f"unknown bn_stats {c['bn_stats']!r}: choose 'sync' or 'ghost'.")
+  norm = 'ghost' if c['norm'] == 'batch' and c['bn_stats'] == 'ghost' else c['norm']
+  kwargs = dict(norm=norm, dropout=c['dropout'], activation=c['activation'],
+                bn_momentum=c['bn_momentum'], bn_epsilon=c['bn_epsilon'],
+                bn_group_size=c['bn_group_size'])
   if c['model'] == 'mlp':
     kwargs['hidden'] = tuple(c['hidden'])
   return models.create_model(c['model'], **kwargs)
 
 
-def run(config, dataset, *, experiment, **overrides):
+def run(config, dataset, *, experiment, programs=None, **overrides):
   """Trains every seed of one configuration; returns one result record per seed."""
-  config = _resolved(config, overrides)
-  model = make_model(config)
+  config = resolve(config, **overrides)
+  data = dataset if isinstance(dataset, train.DeviceData) else train.DeviceData.put(dataset)
   t0 = time.perf_counter()
   results, _ = train.fit(
-      model, dataset, seeds=range(config.seeds), learning_rate=config.learning_rate,
-      batch_size=config.batch_size, epochs=config.epochs, chunk_steps=config.chunk_steps,
-      eval_batch_size=config.eval_batch_size, progress=config.progress,
+      make_model(config), data, seeds=range(config.seeds),
+      learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=config.epochs,
+      max_steps=config.max_steps, chunk_steps=config.chunk_steps,
+      evals_per_epoch=config.evals_per_epoch, eval_batch_size=config.eval_batch_size,
+      progress=config.progress, programs=programs,
       desc=f'{config.model}/{config.norm} bs={config.batch_size}')
   wall = time.perf_counter() - t0
   return [make_record(experiment, config, r, wall_seconds=wall) for r in results]
+
+
+def sweep(config, dataset, grid, *, experiment, results_path=None, compile_threads=0):
+  """Runs every configuration of `grid` (a list of overrides); returns all records.
+
+  All configurations' programs are compiled at once from a thread pool, so compiling overlaps
+  with itself and with the training of the configurations that are ready.
+  """
+  configs = [resolve(config, **overrides) for overrides in grid]
+  data = train.DeviceData.put(dataset)
+
+  def compile_one(c):
+    schedule = train.Schedule(data.size('train'), c.batch_size, c.epochs, c.max_steps,
+                              c.chunk_steps, c.evals_per_epoch)
+    return train.compile_programs(make_model(c), data, schedule, seeds=list(range(c.seeds)),
+                                  learning_rate=c.learning_rate,
+                                  eval_batch_size=c.eval_batch_size)
+
+  records = []
+  workers = compile_threads or os.cpu_count() or 1
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = [pool.submit(compile_one, c) for c in configs]
+    for c, future in zip(configs, futures):
+      runs = run(c, data, experiment=experiment, programs=future.result())
+      if results_path:
+        append_records(results_path, runs)
+      records += runs
+  return records
+
+
+def scaled_learning_rate(learning_rate, batch_size, base_batch_size, rule='none'):
+  """The rate for `batch_size` under a scaling rule relative to `base_batch_size`."""
+  ratio = batch_size / base_batch_size
+  rules = {'none': 1.0, 'linear': ratio, 'sqrt': math.sqrt(ratio)}
+  if rule not in rules:
+    raise ValueError(f'unknown lr_scaling {rule!r}: choose one of {tuple(rules)}.')
+  return learning_rate * rules[rule]
+
+
+def to_target(curve, target):
+  """The first validation point at or above `target`: {'step', 'examples'}, or None."""
+  for point in curve:
+    if point['val_accuracy'] >= target:
+      return {'step': point['step'], 'examples': point['examples']}
+  return None
+
+
+def enable_compilation_cache(config):
+  """Turns on JAX's persistent compilation cache (every program, however quick); its path."""
+  if not config.compilation_cache:
+    return None
+  path = config.compilation_cache_dir or os.path.join(
+      os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'bn_jax', 'jax')
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return path
 
 
 def make_record(experiment, config, result, *, wall_seconds):
@@ -84,6 +158,10 @@ def make_record(experiment, config, result, *, wall_seconds):
       'config': config_dict,
       'history': result['history'],
       'final': result['final'],
+      'curve': result['curve'],  # validation at every eval point, with steps and examples
+      'steps': result['steps'],
+      'to_target': (to_target(result['curve'], config.target_val_accuracy)
+                    if config.target_val_accuracy > 0 else None),
       # Seeds of a configuration train together; this is their shared wall time.
       'wall_seconds': wall_seconds,
       'compile_seconds': result['compile_seconds'],
@@ -99,9 +177,12 @@ def versions():
           'flax': flax.__version__, 'optax': optax.__version__}
 
 
-def _resolved(config, overrides):
-  config = ml_collections.ConfigDict(config.to_dict())  # a copy; the caller's stays as it was
+def resolve(config, **overrides):
+  """A copy of `config` with `overrides` applied (the caller's config stays as it was)."""
+  config = ml_collections.ConfigDict(config.to_dict())
   for key, value in overrides.items():
+    if key not in config:
+      raise KeyError(f'unknown config key {key!r}')
     config[key] = value
   return config
 

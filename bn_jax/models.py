@@ -1,9 +1,11 @@
-"""Flax linen models whose normalization is a switch: `norm='none' | 'batch'`.
+"""Flax linen models whose normalization is a switch: `norm='none' | 'batch' | 'ghost'`.
 
 BatchNorm keeps its running mean and variance in the mutable `batch_stats` collection:
 `train=True` normalizes with the batch's statistics and updates the running averages,
 `train=False` uses the running averages. `mask` marks the real examples of a padded batch, so
-padding never enters the batch statistics.
+padding never enters the batch statistics. `ghost` normalizes each group of `group_size`
+consecutive examples by the group's own statistics (ghost / virtual BN, Hoffer et al. 2017),
+which separates the BN statistics batch from the optimization batch.
 """
 
 from typing import Optional, Sequence
@@ -12,21 +14,69 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-NORMS = ('none', 'batch')
+NORMS = ('none', 'batch', 'ghost')
 ACTIVATIONS = {'relu': nn.relu, 'sigmoid': nn.sigmoid, 'tanh': nn.tanh, 'gelu': nn.gelu}
 
 
+class GhostBatchNorm(nn.Module):
+  """BatchNorm whose training statistics come from groups of `group_size` examples.
+
+  Variables are named as in `nn.BatchNorm` (params scale/bias, batch_stats mean/var); the
+  running averages move towards the mean over (non-empty) groups of the group statistics.
+  With one group per batch it computes what `nn.BatchNorm` computes.
+  """
+  group_size: int
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    bias = self.param('bias', nn.initializers.zeros, (features,))
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      return (x - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon) * scale + bias
+
+    batch, size = x.shape[0], self.group_size
+    if size <= 0 or batch % size:
+      raise ValueError(f'bn_group_size={size} must divide the batch of {batch} examples '
+                       '(per device): choose a divisor of the batch size.')
+    groups = x.reshape((batch // size, size) + x.shape[1:])  # (groups, G, ..., features)
+    axes = tuple(range(1, groups.ndim - 1))  # within a group: examples (and pixels)
+    m = jnp.ones((batch,), x.dtype) if mask is None else mask.astype(x.dtype)
+    m = m.reshape((batch // size, size) + (1,) * (x.ndim - 1))
+    count = jnp.sum(jnp.broadcast_to(m, groups.shape[:-1] + (1,)), axes, keepdims=True)
+    mean = jnp.sum(groups * m, axes, keepdims=True) / jnp.maximum(count, 1.0)
+    mean2 = jnp.sum(groups**2 * m, axes, keepdims=True) / jnp.maximum(count, 1.0)
+    var = jnp.maximum(0.0, mean2 - mean**2)  # E[x^2] - E[x]^2, as nn.BatchNorm computes it
+    y = (groups - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if not self.is_initializing():
+      weight = (count > 0) / jnp.maximum(jnp.sum(count > 0), 1)  # average non-empty groups
+      batch_mean = jnp.sum(mean * weight, range(groups.ndim - 1))
+      batch_var = jnp.sum(var * weight, range(groups.ndim - 1))
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * batch_mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * batch_var
+    return y.reshape(x.shape) * scale + bias
+
+
 class Norm(nn.Module):
-  """Identity for `norm='none'`, `nn.BatchNorm` for `norm='batch'`."""
+  """Identity (`none`), `nn.BatchNorm` (`batch`) or `GhostBatchNorm` (`ghost`)."""
   norm: str = 'batch'
   momentum: float = 0.99
   epsilon: float = 1e-3
   axis_name: Optional[str] = None  # set for BN statistics synced across devices
+  group_size: int = 0  # examples per ghost-BN group
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     if self.norm == 'none':
       return x
+    if self.norm == 'ghost':
+      return GhostBatchNorm(self.group_size, not train, self.momentum, self.epsilon,
+                            name='BatchNorm')(x, mask=mask)
     if self.norm != 'batch':
       raise ValueError(f'unknown norm {self.norm!r}: choose one of {NORMS}.')
     if mask is not None:  # (B,) -> broadcastable to x: (B, 1, ..., 1)
@@ -46,6 +96,7 @@ class MLP(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   bn_axis_name: Optional[str] = None
+  bn_group_size: int = 0  # for norm='ghost'
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
@@ -55,7 +106,8 @@ class MLP(nn.Module):
       # No bias before BN: BN subtracts it again, so its gradient is rounding noise, which
       # Adam would blow up into random steps (the original Keras model had the redundant bias).
       x = nn.Dense(width, use_bias=self.norm == 'none')(x)
-      x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name)(
+      x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
+               self.bn_group_size)(
           x, train=train, mask=mask)
       x = act(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -73,13 +125,15 @@ class CNN(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   bn_axis_name: Optional[str] = None
+  bn_group_size: int = 0  # for norm='ghost'
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
     for width in self.features:
       x = nn.Conv(width, (3, 3), use_bias=self.norm == 'none')(x)
-      x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name)(
+      x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
+               self.bn_group_size)(
           x, train=train, mask=mask)  # BN on conv maps: statistics per channel
       x = nn.max_pool(act(x), (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
@@ -97,6 +151,8 @@ def create_model(name='mlp', **kwargs):
     raise ValueError(f'unknown model {name!r}: choose one of {tuple(MODELS)}.')
   if kwargs.get('norm', 'batch') not in NORMS:
     raise ValueError(f'unknown norm {kwargs["norm"]!r}: choose one of {NORMS}.')
+  if kwargs.get('norm') == 'ghost' and kwargs.get('bn_group_size', 0) <= 0:
+    raise ValueError("norm='ghost' needs bn_group_size > 0, the examples per BN group.")
   return MODELS[name](**kwargs)
 
 

@@ -12,9 +12,15 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bn_jax.experiment import atomic_write  # pylint: disable=wrong-import-position
 
-FINAL_COLUMNS = (('train_accuracy', 'train acc'), ('val_accuracy', 'val acc'),
-                 ('train_loss', 'train loss'), ('val_loss', 'val loss'),
-                 ('test_accuracy', 'test acc'), ('train_eval_accuracy', 'train acc (eval mode)'))
+def final(name):
+  """Column function: a number from a record's `final` metrics."""
+  return lambda r: r['final'][name]
+
+
+FINAL_COLUMNS = (('train acc', final('train_accuracy')), ('val acc', final('val_accuracy')),
+                 ('train loss', final('train_loss')), ('val loss', final('val_loss')),
+                 ('test acc', final('test_accuracy')),
+                 ('train acc (eval mode)', final('train_eval_accuracy')))
 
 
 def group(records, keys):
@@ -25,24 +31,27 @@ def group(records, keys):
   return groups
 
 
-def mean_std(values):
+def mean_std(values, digits=4):
   """'mean ± std' (sample std over seeds; '—' when nothing is finite)."""
   values = np.asarray([v for v in values if v is not None and np.isfinite(v)], float)
   if not len(values):
     return '—'
   std = values.std(ddof=1) if len(values) > 1 else 0.0
-  return f'{values.mean():.4f} ± {std:.4f}'
+  return f'{values.mean():.{digits}f} ± {std:.{digits}f}'
 
 
 def summary_table(records, keys=('model', 'norm'), columns=FINAL_COLUMNS):
-  """Markdown table: one row per group of `keys`, final metrics as mean ± std over seeds."""
-  header = list(keys) + ['seeds'] + [title for _, title in columns]
+  """Markdown table: a row per group of `keys`; each column is `(title, record -> number)`
+  as mean ± std over the group's seeds that did not diverge, or `(title, records -> text)`
+  when the title ends in '*' (printed without the '*')."""
+  header = list(keys) + ['seeds'] + [title.rstrip('*') for title, _ in columns]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for values, runs in group(records, keys).items():
     ok = [r for r in runs if r['status'] == 'ok']
     cells = [str(v) for v in values] + [
         f'{len(ok)}' + (f' (+{len(runs) - len(ok)} diverged)' if len(ok) < len(runs) else '')]
-    cells += [mean_std([r['final'][name] for r in ok]) for name, _ in columns]
+    for title, fn in columns:
+      cells.append(fn(ok) if title.endswith('*') else mean_std([fn(r) for r in ok]))
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -77,6 +86,56 @@ def save_figure(fig, path):
   fig.savefig(buffer, format='png', dpi=110)
   plt.close(fig)
   atomic_write(path, buffer.getvalue())
+
+
+def plot_accuracy_vs_batch_size(records, path):
+  """Final validation and test accuracy against batch size (log x), error bars = std."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for (norm, runs), color in zip(group(records, ('norm',)).items(), _colors()):
+    by_size = group([r for r in runs if r['status'] == 'ok'], ('batch_size',))
+    sizes = [size for (size,) in by_size]
+    for ax, name in zip(axes, ('val_accuracy', 'test_accuracy')):
+      values = [[r['final'][name] for r in rs] for rs in by_size.values()]
+      ax.errorbar(sizes, [np.mean(v) for v in values],
+                  yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values],
+                  color=color, marker='o', capsize=3, label=f'norm={norm[0]}')
+      ax.set_xscale('log', base=2)
+      ax.set_xticks(sizes, [str(s) for s in sizes])
+      ax.set_xlabel('batch size')
+      ax.set_title(name.replace('_', ' '))
+      ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle('mean ± std over seeds')
+  save_figure(fig, path)
+
+
+def plot_val_curves(records, path):
+  """Validation accuracy vs epoch and vs examples seen: a row per norm, a line per batch size."""
+  by_norm = group(records, ('norm',))
+  fig, axes = plt.subplots(len(by_norm), 2, figsize=(11, 3.8 * len(by_norm)), squeeze=False,
+                           sharey=True)
+  for row, ((norm,), runs) in zip(axes, by_norm.items()):
+    for ((size,), rs), color in zip(group(runs, ('batch_size',)).items(), _colors()):
+      rs = [r for r in rs if r['status'] == 'ok']
+      if not rs:
+        continue
+      n_points = min(len(r['curve']) for r in rs)
+      acc = np.mean([[p['val_accuracy'] for p in r['curve'][:n_points]] for r in rs], 0)
+      examples = np.array([p['examples'] for p in rs[0]['curve'][:n_points]])
+      epochs = np.array([h['epoch'] for h in rs[0]['history']])
+      epoch_acc = np.mean([[h['val_accuracy'] for h in r['history']] for r in rs], 0)
+      row[0].plot(epochs, epoch_acc, color=color, marker='o', label=f'batch {size}')
+      row[1].plot(examples, acc, color=color, label=f'batch {size}')
+    row[0].set_title(f'norm={norm}: validation accuracy per epoch')
+    row[1].set_title(f'norm={norm}: validation accuracy vs examples seen')
+    row[0].set_xlabel('epoch')
+    row[1].set_xlabel('training examples seen')
+    row[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in row:
+      ax.grid(alpha=0.3)
+    row[0].legend(fontsize=8)
+  fig.suptitle('mean over seeds')
+  save_figure(fig, path)
 
 
 def _colors():

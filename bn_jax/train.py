@@ -6,6 +6,7 @@ dataset on the device passed as an argument, and seeds stacked on a leading axis
 one compiled program trains every seed of a configuration.
 """
 
+import dataclasses
 import functools
 import math
 import time
@@ -27,7 +28,7 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1)):
-  """Initializes params and BN statistics; Adam with the rate as a state entry (vmappable)."""
+  """Initializes params and BN statistics; Adam, its rate a state entry (so it can be vmapped)."""
   variables = model.init({'params': rng}, jnp.zeros(input_shape, jnp.float32), train=False)
   tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
@@ -84,16 +85,6 @@ def gather_batch(data, idx):
   return {'image': images[safe], 'label': labels[safe], 'mask': idx >= 0}
 
 
-def epoch_order(rng, epoch, *, num_examples, batch_size, num_rows):
-  """The epoch's shuffle as (num_rows, batch_size) indices, padded with -1.
-
-  A function of (rng, epoch) alone, so any chunk of any epoch can be recomputed on restart.
-  """
-  perm = jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
-  pad = num_rows * batch_size - num_examples
-  return jnp.concatenate([perm, -jnp.ones(pad, perm.dtype)]).reshape(num_rows, batch_size)
-
-
 def train_chunk(state, data, order, start, rng, *, num_steps, axis_name=None):
   """`num_steps` train steps in one `lax.scan`, on rows start.. of `order`; summed metrics.
 
@@ -112,20 +103,69 @@ def train_chunk(state, data, order, start, rng, *, num_steps, axis_name=None):
   return state, jax.tree.map(lambda x: jnp.sum(x, 0), sums)
 
 
-def evaluate(state, data, *, batch_size, axis_name=None):
-  """Metric sums over a whole dataset in padded, masked batches: each example counts once."""
-  n = data[1].shape[0]
-  rows = math.ceil(n / batch_size)
-  order = jnp.concatenate([jnp.arange(n), -jnp.ones(rows * batch_size - n, jnp.int32)])
+def evaluate(state, data, rows, *, axis_name=None):
+  """Metric sums over rows of indices (-1 = padding): each listed example counts once."""
 
   def body(sums, idx):
     step_sums = eval_step(state, gather_batch(data, idx), axis_name=axis_name)
     return jax.tree.map(jnp.add, sums, step_sums), None
 
   zeros = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-  sums, _ = lax.scan(body, jax.tree.map(jnp.float32, zeros),
-                     order.reshape(rows, batch_size))
+  sums, _ = lax.scan(body, jax.tree.map(jnp.float32, zeros), rows)
   return sums
+
+
+# Seeds stacked on axis 0: one program trains / evaluates every seed of a configuration.
+init_states = jax.jit(
+    jax.vmap(create_train_state, in_axes=(None, 0, None, None)),
+    static_argnums=(0, 3))
+train_chunks = jax.jit(
+    lambda states, data, order, start, rngs, num_steps: jax.vmap(
+        functools.partial(train_chunk, num_steps=num_steps), in_axes=(0, None, 0, None, 0))(
+            states, data, order, start, rngs),
+    static_argnums=5, donate_argnums=0)
+evaluate_seeds = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
+
+
+# --- Host side: indices, data on the device, metrics ----------------------------------------
+
+def index_rows(indices, batch_size, num_rows=None):
+  """Indices -> (num_rows, batch_size) int32 rows, padded at the end with -1."""
+  num_rows = num_rows or max(1, math.ceil(len(indices) / batch_size))
+  rows = np.full(num_rows * batch_size, -1, np.int32)
+  rows[:len(indices)] = indices
+  return rows.reshape(num_rows, batch_size)
+
+
+def epoch_order(seed, epoch, *, num_examples, batch_size, num_rows):
+  """The epoch's shuffle as (num_rows, batch_size) indices, padded with -1.
+
+  A function of (seed, epoch) alone, so any chunk of any epoch can be recomputed on restart.
+  """
+  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return index_rows(perm, batch_size, num_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceData:
+  """Train, validation and test examples in one pair of device arrays, split by index ranges."""
+  arrays: tuple  # (images, labels): train first, so train indices are 0 .. n_train-1
+  splits: dict  # name -> np.ndarray of indices into `arrays`
+
+  @classmethod
+  def put(cls, dataset):
+    parts = [(dataset.train_images, dataset.train_labels),
+             (dataset.val_images, dataset.val_labels),
+             (dataset.test_images, dataset.test_labels)]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    bounds = np.cumsum([0] + [len(p[1]) for p in parts])
+    splits = {name: np.arange(bounds[i], bounds[i + 1])
+              for i, name in enumerate(('train', 'val', 'test'))}
+    return cls((jax.device_put(images), jax.device_put(labels)), splits)
+
+  def size(self, split):
+    return len(self.splits[split])
 
 
 def means(sums):
@@ -137,90 +177,173 @@ def means(sums):
 
 # --- The loop -----------------------------------------------------------------------------------
 
-def fit(model, dataset, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
-        chunk_steps=0, eval_batch_size=1000, progress=True, desc='train'):
-  """Trains one configuration for every seed at once; returns one result dict per seed.
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """How an epoch is cut into dispatched chunks, and where validation happens."""
+  num_examples: int
+  batch_size: int
+  epochs: int = 5
+  max_steps: int = 0  # a budget in steps instead of epochs (0: epochs * steps_per_epoch)
+  chunk_steps: int = 0  # K, steps per dispatched program (0: as long as the eval interval)
+  evals_per_epoch: int = 1
 
-  `chunk_steps` is K, the number of steps per dispatched program (0: a whole epoch). Each
-  result holds `history` (per epoch: train loss/accuracy as averages over the epoch's batches
-  in train mode, validation loss/accuracy, seconds), `final` (last epoch's numbers, test
-  metrics and eval-mode metrics on the whole training set), `status` and `compile_seconds`.
+  def __post_init__(self):
+    if not 0 < self.batch_size <= self.num_examples:
+      raise ValueError(f'batch_size must be in [1, {self.num_examples}] (the training set '
+                       f'size), got {self.batch_size}.')
+    if self.epochs < 0 or self.max_steps < 0 or self.chunk_steps < 0:
+      raise ValueError('epochs, max_steps and chunk_steps must be >= 0, got '
+                       f'{self.epochs}, {self.max_steps}, {self.chunk_steps}.')
+    if self.evals_per_epoch < 1:
+      raise ValueError(f'evals_per_epoch must be >= 1, got {self.evals_per_epoch}.')
+
+  @property
+  def steps_per_epoch(self):
+    return math.ceil(self.num_examples / self.batch_size)  # the last batch may be partial
+
+  @property
+  def total_steps(self):
+    return self.max_steps or self.epochs * self.steps_per_epoch
+
+  @property
+  def num_epochs(self):
+    return math.ceil(self.total_steps / self.steps_per_epoch)
+
+  @property
+  def k(self):
+    interval = math.ceil(self.steps_per_epoch / self.evals_per_epoch)
+    return min(self.chunk_steps or interval, self.steps_per_epoch)
+
+  @property
+  def chunks_per_epoch(self):
+    return math.ceil(self.steps_per_epoch / self.k)
+
+  def evaluates_after(self, chunk):
+    """Validate after this chunk: the last of the epoch, or one crossing an eval point."""
+    s, e, k = self.steps_per_epoch, self.evals_per_epoch, self.k
+    return chunk == self.chunks_per_epoch - 1 or (chunk + 1) * k * e // s > chunk * k * e // s
+
+  def examples_after(self, step):
+    """Training examples seen after `step` steps (the last batch of an epoch is partial)."""
+    epochs, rest = divmod(step, self.steps_per_epoch)
+    return epochs * self.num_examples + min(rest * self.batch_size, self.num_examples)
+
+
+@dataclasses.dataclass
+class Programs:
+  """A configuration's initial states (seeds stacked) after compiling its programs."""
+  states: TrainState
+  compile_seconds: float
+
+
+def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000):
+  """Initializes the states and compiles the train-chunk and eval programs ahead of time.
+
+  Compiled programs land in jit's cache, so `fit` dispatches them without compiling; a sweep
+  calls this for all its configurations at once from a thread pool.
   """
-  n_train = len(dataset.train_labels)
-  if not 0 < batch_size <= n_train:
-    raise ValueError(f'batch_size must be in [1, {n_train}] (the training set size), '
-                     f'got {batch_size}.')
-  steps_per_epoch = math.ceil(n_train / batch_size)  # the last batch may be partial
-  k = steps_per_epoch if chunk_steps <= 0 else min(chunk_steps, steps_per_epoch)
-  n_chunks = math.ceil(steps_per_epoch / k)
-  seeds = list(seeds)
-
-  put = lambda x, y: (jax.device_put(x), jax.device_put(y))
-  train_data = put(dataset.train_images, dataset.train_labels)
-  val_data = put(dataset.val_images, dataset.val_labels)
-  test_data = put(dataset.test_images, dataset.test_labels)
-  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(jnp.asarray(seeds))
-  init_keys, dropout_keys, shuffle_keys = keys[:, 0], keys[:, 1], keys[:, 2]
-
-  # Compile every program once, ahead of time, and time it apart from training.
   t0 = time.perf_counter()
-  init = jax.jit(jax.vmap(lambda key: create_train_state(
-      model, key, learning_rate, (1,) + dataset.train_images.shape[1:])))
-  states = init(init_keys)
-  order_fn = jax.jit(jax.vmap(functools.partial(
-      epoch_order, num_examples=n_train, batch_size=batch_size, num_rows=n_chunks * k),
-      in_axes=(0, None))).lower(shuffle_keys, 0).compile()
-  chunk_fn = jax.jit(jax.vmap(functools.partial(train_chunk, num_steps=k),
-                              in_axes=(0, None, 0, None, 0)), donate_argnums=0)
-  order0 = order_fn(shuffle_keys, 0)
-  chunk_fn = chunk_fn.lower(states, train_data, order0, 0, dropout_keys).compile()
-  eval_fn = jax.jit(jax.vmap(functools.partial(evaluate, batch_size=eval_batch_size),
-                             in_axes=(0, None)))
-  eval_val = eval_fn.lower(states, val_data).compile()
-  compile_seconds = time.perf_counter() - t0
+  keys = _seed_keys(seeds)
+  states = init_states(model, keys[:, 0], learning_rate, (1,) + data.arrays[0].shape[1:])
+  order = jax.ShapeDtypeStruct(
+      (len(seeds), schedule.chunks_per_epoch * schedule.k, schedule.batch_size), jnp.int32)
+  train_chunks.lower(states, data.arrays, order, 0, keys[:, 1], schedule.k).compile()
+  rows = jax.ShapeDtypeStruct(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32)
+  evaluate_seeds.lower(states, data.arrays, rows).compile()
+  return Programs(states, time.perf_counter() - t0)
 
-  histories = [[] for _ in seeds]
-  diverged_at = [None] * len(seeds)
-  bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
-  for epoch in range(epochs):
+
+def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
+        chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
+        programs=None):
+  """Trains one configuration for every seed at once; returns (results per seed, states).
+
+  Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
+  batches in train mode, validation loss/accuracy at the epoch's end, seconds), `curve`
+  (validation at every eval point, with steps and examples seen), `final` (last epoch's
+  numbers, test metrics, and eval-mode metrics over the whole training set) and `status`.
+  """
+  data = data if isinstance(data, DeviceData) else DeviceData.put(data)
+  sched = Schedule(data.size('train'), batch_size, epochs, max_steps, chunk_steps,
+                   evals_per_epoch)
+  seeds = list(seeds)
+  programs = programs or compile_programs(model, data, sched, seeds=seeds,
+                                          learning_rate=learning_rate,
+                                          eval_batch_size=eval_batch_size)
+  states, rngs = programs.states, _seed_keys(seeds)[:, 1]
+  evaluate_split = lambda split: means(jax.device_get(functools.reduce(
+      lambda a, b: jax.tree.map(jnp.add, a, b),
+      [evaluate_seeds(states, data.arrays, rows)
+       for rows in _eval_blocks(data, split, eval_batch_size)])))
+
+  n = len(seeds)
+  history, curve = [[] for _ in seeds], [[] for _ in seeds]
+  diverged_at = [None] * n
+  step = 0
+  bar = tqdm(total=sched.total_steps, desc=desc, disable=not progress, leave=False)
+  for epoch in range(sched.num_epochs):
     t_epoch = time.perf_counter()
-    order = order_fn(shuffle_keys, epoch)
+    order = np.stack([epoch_order(seed, epoch, num_examples=sched.num_examples,
+                                  batch_size=batch_size,
+                                  num_rows=sched.chunks_per_epoch * sched.k) for seed in seeds])
+    order[:, sched.total_steps - step:] = -1  # past the step budget: no-op steps
+    order = jax.device_put(order)
     epoch_sums = None
-    for c in range(n_chunks):
-      states, sums = chunk_fn(states, train_data, order, c * k, dropout_keys)
+    for c in range(sched.chunks_per_epoch):
+      if step >= sched.total_steps:
+        break
+      states, sums = train_chunks(states, data.arrays, order, c * sched.k, rngs, sched.k)
       epoch_sums = sums if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, sums)
-      # One host sync per chunk: progress, and a NaN/inf check on the chunk's loss sums.
-      loss = np.asarray(sums['loss'])
-      for s in np.flatnonzero(~np.isfinite(loss)):
-        if diverged_at[s] is None:
-          diverged_at[s] = {'epoch': epoch, 'step': epoch * steps_per_epoch + min(
-              (c + 1) * k, steps_per_epoch)}
-      bar.update(min((c + 1) * k, steps_per_epoch) - c * k)
+      done = min((c + 1) * sched.k, sched.steps_per_epoch, sched.total_steps - step + c * sched.k)
+      bar.update(epoch * sched.steps_per_epoch + done - step)
+      step = epoch * sched.steps_per_epoch + done
+      # One host sync per chunk: a NaN/inf check on the chunk's loss sums.
+      for s in np.flatnonzero(~np.isfinite(np.asarray(sums['loss']))):
+        diverged_at[s] = diverged_at[s] or {'epoch': epoch + 1, 'step': step}
+      if sched.evaluates_after(c) or step == sched.total_steps:
+        val = evaluate_split('val')
+        for s in range(n):
+          curve[s].append({'step': step, 'examples': sched.examples_after(step),
+                           'val_loss': float(val['loss'][s]),
+                           'val_accuracy': float(val['accuracy'][s])})
     train = means(jax.device_get(epoch_sums))
-    val = means(jax.device_get(eval_val(states, val_data)))
     seconds = time.perf_counter() - t_epoch
-    for s in range(len(seeds)):
-      histories[s].append({
+    for s in range(n):
+      history[s].append({
           'epoch': epoch + 1, 'train_loss': float(train['loss'][s]),
-          'train_accuracy': float(train['accuracy'][s]), 'val_loss': float(val['loss'][s]),
-          'val_accuracy': float(val['accuracy'][s]), 'seconds': seconds})
+          'train_accuracy': float(train['accuracy'][s]), 'val_loss': curve[s][-1]['val_loss'],
+          'val_accuracy': curve[s][-1]['val_accuracy'], 'seconds': seconds})
     bar.set_postfix(val_acc=f'{np.nanmean(val["accuracy"]):.4f}')
-    if all(d is not None for d in diverged_at):
+    if all(diverged_at):
       break  # every seed diverged: nothing left to learn
   bar.close()
 
-  test = means(jax.device_get(eval_fn(states, test_data)))
-  train_eval = means(jax.device_get(eval_fn(states, train_data)))
+  test, train_eval = evaluate_split('test'), evaluate_split('train')
   results = []
   for s, seed in enumerate(seeds):
-    last = histories[s][-1]
-    final = {key: last[key] for key in ('train_loss', 'train_accuracy', 'val_loss',
-                                        'val_accuracy')}
+    final = {key: history[s][-1][key] for key in ('train_loss', 'train_accuracy', 'val_loss',
+                                                  'val_accuracy')}
     final.update(test_loss=float(test['loss'][s]), test_accuracy=float(test['accuracy'][s]),
                  train_eval_loss=float(train_eval['loss'][s]),
                  train_eval_accuracy=float(train_eval['accuracy'][s]))
-    results.append({'seed': seed, 'history': histories[s], 'final': final,
-                    'status': 'ok' if diverged_at[s] is None else 'diverged',
-                    'diverged_at': diverged_at[s], 'compile_seconds': compile_seconds,
-                    'steps_per_epoch': steps_per_epoch})
+    results.append({'seed': seed, 'history': history[s], 'curve': curve[s], 'final': final,
+                    'status': 'diverged' if diverged_at[s] else 'ok',
+                    'diverged_at': diverged_at[s], 'steps': step,
+                    'steps_per_epoch': sched.steps_per_epoch,
+                    'compile_seconds': programs.compile_seconds})
   return results, states
+
+
+def _seed_keys(seeds):
+  """Per seed: (init key, dropout key)."""
+  return jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(list(seeds)))
+
+
+def _eval_blocks(data, split, batch_size):
+  """A split's indices as blocks of R rows (R = the validation set's rows), so one compiled
+  eval program serves every split."""
+  rows_per_block = max(1, math.ceil(data.size('val') / batch_size))
+  rows = math.ceil(data.size(split) / batch_size)
+  blocks = math.ceil(rows / rows_per_block)
+  return index_rows(data.splits[split], batch_size, blocks * rows_per_block).reshape(
+      blocks, rows_per_block, batch_size)
