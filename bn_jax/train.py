@@ -85,19 +85,19 @@ def gather_batch(data, idx):
   return {'image': images[safe], 'label': labels[safe], 'mask': idx >= 0}
 
 
-def train_chunk(state, data, order, start, rng, *, num_steps, axis_name=None):
-  """`num_steps` train steps in one `lax.scan`, on rows start.. of `order`; summed metrics.
+def train_chunk(state, data, order, rng, start, stop, *, num_steps, axis_name=None):
+  """Steps on rows start .. start+num_steps-1 of `order` in one `lax.scan`; summed metrics.
 
-  `data` is passed in, never closed over (a closed-over array is baked into the program). A row
-  that is all padding is a no-op step, so chunks need not divide the epoch.
+  Rows from `stop` on are skipped (state unchanged), so chunks need not divide the epoch.
+  `data` is passed in, never closed over (a closed-over array is baked into the program).
   """
+  no_metrics = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
 
   def body(state, i):
     batch = gather_batch(data, lax.dynamic_index_in_dim(order, start + i, keepdims=False))
-    new_state, sums = train_step(state, batch, rng, axis_name=axis_name)
-    state = jax.tree.map(lambda new, old: jnp.where(sums['count'] > 0, new, old),
-                         new_state, state)
-    return state, sums
+    return lax.cond(start + i < stop,
+                    lambda s: train_step(s, batch, rng, axis_name=axis_name),
+                    lambda s: (s, jax.tree.map(jnp.float32, no_metrics)), state)
 
   state, sums = lax.scan(body, state, jnp.arange(num_steps))
   return state, jax.tree.map(lambda x: jnp.sum(x, 0), sums)
@@ -120,10 +120,10 @@ init_states = jax.jit(
     jax.vmap(create_train_state, in_axes=(None, 0, None, None)),
     static_argnums=(0, 3))
 train_chunks = jax.jit(
-    lambda states, data, order, start, rngs, num_steps: jax.vmap(
-        functools.partial(train_chunk, num_steps=num_steps), in_axes=(0, None, 0, None, 0))(
-            states, data, order, start, rngs),
-    static_argnums=5, donate_argnums=0)
+    lambda states, data, order, rngs, start, stop, num_steps: jax.vmap(
+        functools.partial(train_chunk, num_steps=num_steps),
+        in_axes=(0, None, 0, 0, None, None))(states, data, order, rngs, start, stop),
+    static_argnums=6, donate_argnums=0)
 evaluate_seeds = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
 
 
@@ -211,7 +211,7 @@ class Schedule:
 
   @property
   def k(self):
-    interval = math.ceil(self.steps_per_epoch / self.evals_per_epoch)
+    interval = max(1, self.steps_per_epoch // self.evals_per_epoch)
     return min(self.chunk_steps or interval, self.steps_per_epoch)
 
   @property
@@ -247,7 +247,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   states = init_states(model, keys[:, 0], learning_rate, (1,) + data.arrays[0].shape[1:])
   order = jax.ShapeDtypeStruct(
       (len(seeds), schedule.chunks_per_epoch * schedule.k, schedule.batch_size), jnp.int32)
-  train_chunks.lower(states, data.arrays, order, 0, keys[:, 1], schedule.k).compile()
+  train_chunks.lower(states, data.arrays, order, keys[:, 1], 0, 0, schedule.k).compile()
   rows = jax.ShapeDtypeStruct(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32)
   evaluate_seeds.lower(states, data.arrays, rows).compile()
   return Programs(states, time.perf_counter() - t0)
@@ -286,15 +286,15 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
     order = np.stack([epoch_order(seed, epoch, num_examples=sched.num_examples,
                                   batch_size=batch_size,
                                   num_rows=sched.chunks_per_epoch * sched.k) for seed in seeds])
-    order[:, sched.total_steps - step:] = -1  # past the step budget: no-op steps
     order = jax.device_put(order)
+    stop = min(sched.steps_per_epoch, sched.total_steps - step)  # rows past it are skipped
     epoch_sums = None
     for c in range(sched.chunks_per_epoch):
       if step >= sched.total_steps:
         break
-      states, sums = train_chunks(states, data.arrays, order, c * sched.k, rngs, sched.k)
+      states, sums = train_chunks(states, data.arrays, order, rngs, c * sched.k, stop, sched.k)
       epoch_sums = sums if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, sums)
-      done = min((c + 1) * sched.k, sched.steps_per_epoch, sched.total_steps - step + c * sched.k)
+      done = min((c + 1) * sched.k, stop)
       bar.update(epoch * sched.steps_per_epoch + done - step)
       step = epoch * sched.steps_per_epoch + done
       # One host sync per chunk: a NaN/inf check on the chunk's loss sums.

@@ -44,9 +44,9 @@ def main(argv):
   del argv
   config = _CONFIG.value
   experiment.enable_compilation_cache(config)
-  results_path = experiment.prepare_workdir(FLAGS.workdir)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None)
+  results_path = experiment.prepare_workdir(FLAGS.workdir)  # after the data loaded
   print(f'{config.data}: {dataset.sizes()}')
 
   grid = [{'norm': norm, 'batch_size': size,

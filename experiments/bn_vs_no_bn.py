@@ -38,16 +38,14 @@ flags.DEFINE_string('workdir', 'runs/bn_vs_no_bn', 'Directory for results and pl
 def main(argv):
   del argv
   config = _CONFIG.value
-  results_path = experiment.prepare_workdir(FLAGS.workdir)
+  experiment.enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None)
+  results_path = experiment.prepare_workdir(FLAGS.workdir)  # after the data loaded
   print(f'{config.data}: {dataset.sizes()}')
 
-  records = []
-  for norm in config.norms:
-    runs = experiment.run(config, dataset, experiment='bn_vs_no_bn', norm=norm)
-    experiment.append_records(results_path, runs)
-    records += runs
+  records = experiment.sweep(config, dataset, [{'norm': norm} for norm in config.norms],
+                             experiment='bn_vs_no_bn', results_path=results_path)
 
   table = report.summary_table(records)
   experiment.atomic_write(os.path.join(FLAGS.workdir, 'summary.md'), (

@@ -57,7 +57,8 @@ def test_bn_vs_no_bn_script_end_to_end(tmp_path):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py'),
          f'--workdir={workdir}', '--config.data=synthetic:600', '--config.seeds=2',
-         '--config.epochs=2', '--config.batch_size=64', '--config.progress=false']
+         '--config.epochs=2', '--config.batch_size=64', '--config.progress=false',
+         f'--config.compilation_cache_dir={tmp_path / "cache"}']
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in open(workdir / 'results.jsonl')]
@@ -75,3 +76,67 @@ def test_bn_vs_no_bn_script_end_to_end(tmp_path):
   assert '| mlp | batch | 2 |' in summary and '| mlp | none | 2 |' in summary
   assert summary in out.stdout or summary.split('\n\n', 1)[1] in out.stdout
   assert (workdir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_learning_rate_scaling_rules():
+  lr = experiment.scaled_learning_rate
+  assert lr(1e-3, 256, 32, 'none') == 1e-3
+  assert lr(1e-3, 256, 32, 'linear') == pytest.approx(8e-3)
+  assert lr(1e-3, 256, 32, 'sqrt') == pytest.approx(1e-3 * 8**0.5)
+  assert lr(1e-3, 8, 32, 'linear') == pytest.approx(2.5e-4)
+  with pytest.raises(ValueError, match="unknown lr_scaling 'cube'"):
+    lr(1e-3, 64, 32, 'cube')
+
+
+def test_to_target_is_the_first_point_reaching_it():
+  curve = [{'step': 5, 'examples': 160, 'val_accuracy': 0.5},
+           {'step': 10, 'examples': 300, 'val_accuracy': 0.81},
+           {'step': 15, 'examples': 460, 'val_accuracy': 0.79},
+           {'step': 20, 'examples': 600, 'val_accuracy': 0.9}]
+  assert experiment.to_target(curve, 0.8) == {'step': 10, 'examples': 300}
+  assert experiment.to_target(curve, 0.9) == {'step': 20, 'examples': 600}
+  assert experiment.to_target(curve, 0.95) is None
+
+
+def test_resolve_rejects_unknown_keys():
+  with pytest.raises(KeyError, match="unknown config key 'batchsize'"):
+    experiment.resolve(experiment.base_config(), batchsize=3)
+
+
+def _run_batch_sizes(workdir, cache):
+  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'batch_sizes.py'),
+         f'--workdir={workdir}', '--config.data=synthetic:600', '--config.seeds=2',
+         '--config.batch_sizes=(32,64)', '--config.epochs=2', '--config.progress=false',
+         '--config.target_val_accuracy=0.5', f'--config.compilation_cache_dir={cache}']
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_batch_sizes_script_end_to_end_and_warm_cache(tmp_path):
+  cache = tmp_path / 'cache'
+  out = _run_batch_sizes(tmp_path / 'cold', cache)
+  records = [json.loads(line) for line in open(tmp_path / 'cold' / 'results.jsonl')]
+  assert sorted((r['norm'], r['batch_size'], r['seed']) for r in records) == [
+      (n, b, s) for n in ('batch', 'none') for b in (32, 64) for s in (0, 1)]
+  for r in records:
+    assert RECORD_KEYS <= set(r) and r['experiment'] == 'batch_sizes'
+    assert r['steps'] == 2 * -(-540 // r['batch_size'])  # 2 epochs of ceil(540 / b) steps
+    assert len(r['curve']) == 2 * 4 and r['curve'][-1]['step'] == r['steps']
+    reached = experiment.to_target(r['curve'], 0.5)
+    assert r['to_target'] == reached
+  summary = (tmp_path / 'cold' / 'summary.md').read_text()
+  for b in (32, 64):
+    for n in ('batch', 'none'):
+      assert f'| {b} | {n} | 2 |' in summary
+  assert 'steps to 0.5 val acc' in summary and 'train−val gap' in summary
+  for name in ('accuracy_vs_batch_size.png', 'curves.png'):
+    assert (tmp_path / 'cold' / name).read_bytes()[:4] == b'\x89PNG'
+  assert '| 32 | batch | 2 |' in out.stdout
+
+  # A second run with the same cache compiles nothing: every compiled program is written to
+  # the persistent cache on a miss, so an unchanged cache means every program was a hit.
+  entries = sorted(os.listdir(cache))
+  assert len(entries) >= 4  # at least the 4 train-chunk programs
+  _run_batch_sizes(tmp_path / 'warm', cache)
+  assert sorted(os.listdir(cache)) == entries

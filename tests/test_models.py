@@ -1,5 +1,6 @@
 """BatchNorm against closed forms; parameter counts; the norm switch."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +119,75 @@ def test_bad_names_are_clear_errors():
     models.create_model('resnet')
   with pytest.raises(ValueError, match="unknown norm 'layer'"):
     models.create_model('mlp', norm='layer')
+
+
+# --- Ghost BN --------------------------------------------------------------------------------
+
+def _ghost(group_size, momentum=0.9, epsilon=1e-3):
+  return models.GhostBatchNorm(group_size, momentum=momentum, epsilon=epsilon)
+
+
+def test_ghost_bn_with_one_group_equals_batchnorm():
+  x = jax.random.normal(jax.random.key(0), (8, 5)) * 3 + 1
+  ghost, bn = _ghost(8), nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+  variables = bn.init(jax.random.key(1), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(ghost.init(jax.random.key(1), x))
+  y_ghost, up_ghost = ghost.apply(variables, x, mutable=['batch_stats'])
+  y_bn, up_bn = bn.apply(variables, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(y_ghost, y_bn, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               up_ghost, up_bn)
+
+
+def test_ghost_bn_normalizes_each_group_by_its_own_statistics():
+  # Two groups of two: (1, 3) has mean 2, variance 1; (10, 14) has mean 12, variance 4.
+  x = jnp.array([[1.], [3.], [10.], [14.]])
+  eps = 1e-3
+  ghost = _ghost(2, epsilon=eps)
+  variables = ghost.init(jax.random.key(0), x)
+  y, _ = ghost.apply(variables, x, mutable=['batch_stats'])
+  expected = [-1 / np.sqrt(1 + eps), 1 / np.sqrt(1 + eps), -2 / np.sqrt(4 + eps),
+              2 / np.sqrt(4 + eps)]
+  np.testing.assert_allclose(y[:, 0], expected, rtol=1e-5)
+  # Full-batch BN differs: mean 7, variance 27.5.
+  full, _ = _ghost(4, epsilon=eps).apply(variables, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(full[:, 0], (x[:, 0] - 7) / np.sqrt(27.5 + eps), rtol=1e-5)
+  assert not np.allclose(full, y)
+
+  # Running averages after two steps move towards the mean of the group statistics:
+  # mean 0.19 * (2 + 12) / 2 = 1.33; var 0.81 * 1 + 0.19 * (1 + 4) / 2 = 1.285.
+  stats = variables['batch_stats']
+  for _ in range(2):
+    _, updates = ghost.apply({'params': variables['params'], 'batch_stats': stats}, x,
+                             mutable=['batch_stats'])
+    stats = updates['batch_stats']
+  np.testing.assert_allclose(stats['mean'], [1.33], rtol=1e-5)
+  np.testing.assert_allclose(stats['var'], [1.285], rtol=1e-5)
+
+
+def test_ghost_bn_masks_padding_within_a_group():
+  x = jnp.array([[1.], [3.], [10.], [99.]])  # the last row is padding
+  ghost = _ghost(2, epsilon=1e-3)
+  variables = ghost.init(jax.random.key(0), x)
+  y, updates = ghost.apply(variables, x, mask=jnp.array([1, 1, 1, 0]), mutable=['batch_stats'])
+  np.testing.assert_allclose(y[:2, 0], np.array([-1, 1]) / np.sqrt(1 + 1e-3), rtol=1e-5)
+  assert float(y[2, 0]) == 0.0  # a group of one real example: x - mean = 0
+  # Running mean: 0.1 * mean of group means (2, 10).
+  np.testing.assert_allclose(updates['batch_stats']['mean'], [0.1 * 6], rtol=1e-5)
+
+
+def test_ghost_group_size_must_divide_the_batch():
+  ghost = _ghost(3)
+  with pytest.raises(ValueError, match='bn_group_size=3 must divide the batch of 4'):
+    ghost.init(jax.random.key(0), jnp.ones((4, 2)))
+  with pytest.raises(ValueError, match='needs bn_group_size > 0'):
+    models.create_model('mlp', norm='ghost')
+
+
+def test_ghost_mlp_trains_with_group_statistics():
+  model = models.create_model('mlp', norm='ghost', bn_group_size=4, hidden=(8,), dropout=0.0)
+  x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+  variables = model.init(jax.random.key(1), x, train=False)
+  assert set(variables['batch_stats']['Norm_0']['BatchNorm']) == {'mean', 'var'}
+  logits, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (16, 10)

@@ -161,3 +161,34 @@ def test_divergence_is_detected_at_a_chunk_boundary(small_dataset):
   assert results[0]['status'] == 'diverged'
   assert results[0]['diverged_at'] == {'epoch': 1, 'step': 5}
   assert len(results[0]['history']) == 1  # every seed diverged: training stopped
+
+
+def test_schedule_chunks_and_eval_points():
+  # 300 examples, batch 32: 10 steps an epoch; 4 evals an epoch -> chunks of 10 // 4 = 2
+  # steps, evaluating after the chunks that cross 2.5, 5, 7.5 and 10 steps.
+  sched = train.Schedule(300, 32, epochs=2, evals_per_epoch=4)
+  assert (sched.steps_per_epoch, sched.k, sched.chunks_per_epoch) == (10, 2, 5)
+  assert [sched.evaluates_after(c) for c in range(5)] == [False, True, True, True, True]
+  assert sched.total_steps == 20 and sched.num_epochs == 2
+  assert [sched.examples_after(s) for s in (0, 3, 9, 10, 11, 20)] == [0, 96, 288, 300, 332, 600]
+  # Chunks of 2 with 2 evals an epoch: evaluate after steps 6 (crossing 5) and 10.
+  sched = train.Schedule(300, 32, chunk_steps=2, evals_per_epoch=2)
+  assert [sched.evaluates_after(c) for c in range(5)] == [False, False, True, False, True]
+  budget = train.Schedule(300, 32, epochs=5, max_steps=13)
+  assert budget.total_steps == 13 and budget.num_epochs == 2
+  for bad in ({'epochs': -1}, {'max_steps': -2}, {'evals_per_epoch': 0}):
+    with pytest.raises(ValueError):
+      train.Schedule(300, 32, **bad)
+
+
+def test_step_budget_stops_mid_epoch(small_dataset):
+  results, states = _fit(small_dataset, max_steps=13, chunk_steps=4, evals_per_epoch=2)
+  (result,) = results
+  assert int(states.step[0]) == 13 and result['steps'] == 13
+  assert len(result['history']) == 2  # epoch 1 whole, epoch 2 cut after 3 steps
+  assert result['curve'][-1]['step'] == 13
+  assert result['curve'][-1]['examples'] == 300 + 3 * 32
+  # The epoch's validation numbers are those of its last eval point.
+  assert result['history'][-1]['val_accuracy'] == result['curve'][-1]['val_accuracy']
+  steps = [p['step'] for p in result['curve']]
+  assert steps == sorted(set(steps)) and 10 in steps  # every epoch ends with an eval

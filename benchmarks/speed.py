@@ -1,0 +1,199 @@
+r"""Speed of bn_jax on whatever backend JAX has, in one process:
+
+  (a) the default batch-size grid (BN/no-BN x batch 16..256, 1 seed, 5 epochs) end to end,
+      cold (empty compilation cache) and warm, split into compile and train time;
+  (b) one configuration with 1, 8 and 64 seeds trained together;
+  (c) train-step throughput at batch 32 and 256 against the measured float32 matmul rate;
+  (d) the same grid in plain PyTorch (eager; only if torch is installed).
+
+  python benchmarks/speed.py --data=idx:/usr/share/datasets/fashion-mnist --out=speed.json
+
+Prints a table and writes the numbers as JSON. Timings on shared machines are noisy: compare
+ratios measured in one run.
+"""
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bn_jax import data as data_lib
+from bn_jax import experiment
+from bn_jax import models
+from bn_jax import train
+
+BATCH_SIZES = (16, 32, 64, 128, 256)
+FLOPS_PER_EXAMPLE = 6 * (784 * 128 + 128 * 10)  # forward + backward of the MLP's matmuls
+
+
+def grid(dataset, epochs, cache_dir):
+  """The BN/no-BN x batch-size grid as the batch-size study runs it; (wall, train) seconds."""
+  config = experiment.base_config()
+  config.update(seeds=1, epochs=epochs, progress=False, compilation_cache_dir=cache_dir)
+  specs = [{'norm': n, 'batch_size': b} for n in ('batch', 'none') for b in BATCH_SIZES]
+  t0 = time.perf_counter()
+  records = experiment.sweep(config, dataset, specs, experiment='benchmark')
+  wall = time.perf_counter() - t0
+  train_seconds = sum(r['wall_seconds'] for r in records)  # fit() time, programs compiled
+  accuracy = [r['final']['test_accuracy'] for r in records]
+  return wall, train_seconds, accuracy
+
+
+def seeds_scaling(dataset, counts, epochs):
+  """Train seconds (compile excluded) of one configuration with several seed counts."""
+  data = train.DeviceData.put(dataset)
+  model = models.create_model('mlp', norm='batch')
+  out = {}
+  for n in counts:
+    results, _ = train.fit(model, data, seeds=range(n), batch_size=32, epochs=epochs,
+                           progress=False)
+    out[n] = sum(h['seconds'] for h in results[0]['history'])
+  return out
+
+
+def matmul_rate(m=1024, reps=50):
+  """Measured float32 matmul FLOP/s (a chain of dependent m x m matmuls)."""
+  a = jnp.full((m, m), 1.0 / m, jnp.float32)
+  chain = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda i, x: x @ a, a))
+  chain(a).block_until_ready()
+  t0 = time.perf_counter()
+  chain(a).block_until_ready()
+  return 2 * m**3 * reps / (time.perf_counter() - t0)
+
+
+def step_throughput(dataset, batch_size, steps=400):
+  """Examples per second of the scanned BN-MLP train step (1 seed)."""
+  data = train.DeviceData.put(dataset)
+  model = models.create_model('mlp', norm='batch')
+  states = train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3,
+                             (1, 28, 28, 1))
+  rngs = jax.random.split(jax.random.key(1), 1)
+  order = jax.device_put(np.stack([train.epoch_order(
+      0, 0, num_examples=data.size('train'), batch_size=batch_size,
+      num_rows=max(steps, data.size('train') // batch_size + 1))]))
+  run = lambda s: train.train_chunks(s, data.arrays, order, rngs, 0, steps, steps)
+  states, sums = run(states)
+  jax.block_until_ready(sums)
+  t0 = time.perf_counter()
+  states, sums = run(states)
+  jax.block_until_ready(sums)
+  return steps * batch_size / (time.perf_counter() - t0)
+
+
+def torch_grid(dataset, epochs):
+  """The grid in plain PyTorch, eager: the seed MLP, data on the device, index batches."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  x = torch.tensor(dataset.train_images.reshape(-1, 784), device=device)
+  y = torch.tensor(dataset.train_labels, dtype=torch.long, device=device)
+  xv = torch.tensor(dataset.val_images.reshape(-1, 784), device=device)
+  yv = torch.tensor(dataset.val_labels, dtype=torch.long, device=device)
+  t0 = time.perf_counter()
+  for norm in ('batch', 'none'):
+    for batch_size in BATCH_SIZES:
+      torch.manual_seed(0)
+      layers = [torch.nn.Linear(784, 128, bias=norm == 'none')]
+      if norm == 'batch':  # Keras' momentum 0.99 is PyTorch's 0.01
+        layers.append(torch.nn.BatchNorm1d(128, eps=1e-3, momentum=0.01))
+      layers += [torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(128, 10)]
+      net = torch.nn.Sequential(*layers).to(device)
+      opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+      for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(y), device=device)
+        for i in range(0, len(y), batch_size):
+          idx = perm[i:i + batch_size]
+          loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+          opt.zero_grad(set_to_none=True)
+          loss.backward()
+          opt.step()
+        net.eval()
+        with torch.no_grad():
+          (net(xv).argmax(1) == yv).float().mean().item()
+  if device == 'cuda':
+    torch.cuda.synchronize()
+  return {'seconds': time.perf_counter() - t0, 'torch': torch.__version__, 'device': device}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--data', default='idx:/usr/share/datasets/fashion-mnist')
+  parser.add_argument('--epochs', type=int, default=5)
+  parser.add_argument('--seed_counts', default='1,8,64')
+  parser.add_argument('--seed_epochs', type=int, default=1)
+  parser.add_argument('--skip_torch', action='store_true')
+  parser.add_argument('--out', default='speed.json')
+  args = parser.parse_args()
+
+  dataset = data_lib.load(args.data)
+  out = {'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
+         'data': args.data, 'epochs': args.epochs, 'versions': experiment.versions(),
+         'machine': platform.machine(), 'cpus': os.cpu_count()}
+  with tempfile.TemporaryDirectory() as cache:
+    experiment.enable_compilation_cache(_cache(cache))
+    wall, train_s, acc = grid(dataset, args.epochs, cache)
+    out['grid_cold'] = {'wall': wall, 'train': train_s, 'compile_and_other': wall - train_s,
+                        'test_accuracy_min_max': [min(acc), max(acc)]}
+    jax.clear_caches()  # the warm run reads the persistent cache the cold run filled
+    wall, train_s, _ = grid(dataset, args.epochs, cache)
+    out['grid_warm'] = {'wall': wall, 'train': train_s, 'compile_and_other': wall - train_s}
+  counts = [int(c) for c in args.seed_counts.split(',')]
+  out['seeds'] = {'epochs': args.seed_epochs, 'batch_size': 32,
+                  'train_seconds': seeds_scaling(dataset, counts, args.seed_epochs)}
+  rate = matmul_rate()
+  out['matmul_flops'] = rate
+  out['throughput'] = {}
+  for b in (32, 256):
+    eps = step_throughput(dataset, b)
+    out['throughput'][b] = {'examples_per_s': eps, 'roofline_examples_per_s':
+                            rate / FLOPS_PER_EXAMPLE, 'fraction_of_roofline':
+                            eps * FLOPS_PER_EXAMPLE / rate}
+  if not args.skip_torch:
+    out['torch_grid'] = torch_grid(dataset, args.epochs)
+
+  print(_table(out))
+  experiment.atomic_write(args.out, json.dumps(out, indent=2))
+  print(f'wrote {args.out}')
+
+
+def _cache(path):
+  config = experiment.base_config()
+  config.compilation_cache_dir = path
+  return config
+
+
+def _table(out):
+  rows = [('backend', f"{out['backend']} x{len(out['devices'])}")]
+  for key in ('grid_cold', 'grid_warm'):
+    g = out[key]
+    rows.append((f'grid {key[5:]}: wall / train / compile+other',
+                 f"{g['wall']:.1f} s / {g['train']:.1f} s / {g['compile_and_other']:.1f} s"))
+  seeds = out['seeds']['train_seconds']
+  base = seeds[min(seeds)]
+  rows.append((f"seeds (bs 32, {out['seeds']['epochs']} epoch train s)",
+               ', '.join(f'{n}: {s:.2f} s ({s / base:.1f}x)' for n, s in seeds.items())))
+  rows.append(('float32 matmul rate', f"{out['matmul_flops'] / 1e9:.0f} GFLOP/s"))
+  for b, t in out['throughput'].items():
+    rows.append((f'train step, batch {b}', f"{t['examples_per_s']:,.0f} ex/s = "
+                 f"{t['fraction_of_roofline']:.2f} of roofline "
+                 f"({t['roofline_examples_per_s']:,.0f} ex/s)"))
+  torch_result = out.get('torch_grid')
+  if torch_result:
+    rows.append((f"PyTorch {torch_result['torch']} eager grid ({torch_result['device']})",
+                 f"{torch_result['seconds']:.1f} s = "
+                 f"{torch_result['seconds'] / out['grid_cold']['wall']:.1f}x bn_jax cold"))
+  width = max(len(r[0]) for r in rows)
+  return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
+
+
+if __name__ == '__main__':
+  main()
