@@ -115,16 +115,30 @@ def evaluate(state, data, rows, *, axis_name=None):
   return sums
 
 
+def over_seeds(fn, in_axes):
+  """`jax.vmap(fn, in_axes)` over a leading seed axis; a single seed runs unbatched, since a
+  vmap of size one turns matmuls into batched matmuls (measured ~20% slower on CPU)."""
+
+  def mapped(*args):
+    batched = [a for a, ax in zip(args, in_axes) if ax == 0]
+    if jax.tree.leaves(batched)[0].shape[0] > 1:
+      return jax.vmap(fn, in_axes)(*args)
+    args = [jax.tree.map(lambda x: x[0], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
+    return jax.tree.map(lambda x: x[None], fn(*args))
+
+  return mapped
+
+
 # Seeds stacked on axis 0: one program trains / evaluates every seed of a configuration.
 init_states = jax.jit(
     jax.vmap(create_train_state, in_axes=(None, 0, None, None)),
     static_argnums=(0, 3))
 train_chunks = jax.jit(
-    lambda states, data, order, rngs, start, stop, num_steps: jax.vmap(
+    lambda states, data, order, rngs, start, stop, num_steps: over_seeds(
         functools.partial(train_chunk, num_steps=num_steps),
-        in_axes=(0, None, 0, 0, None, None))(states, data, order, rngs, start, stop),
+        (0, None, 0, 0, None, None))(states, data, order, rngs, start, stop),
     static_argnums=6, donate_argnums=0)
-evaluate_seeds = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
+evaluate_seeds = jax.jit(over_seeds(evaluate, (0, None, None)))
 
 
 # --- Host side: indices, data on the device, metrics ----------------------------------------
