@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from bn_jax import models
+from bn_jax import parallel
 from bn_jax import train
 
 
@@ -31,8 +32,9 @@ def base_config():
   c.split_seed = 42  # the validation split is the same for every run
   c.model = 'mlp'  # mlp | cnn
   c.norm = 'batch'  # none | batch
-  # Where BN's training statistics come from: 'sync' = the whole batch; 'ghost' = groups of
-  # bn_group_size examples (ghost BN), separating the statistics batch from the optimizer's.
+  # Where BN's training statistics come from: 'sync' = the whole (global) batch; 'local' = each
+  # device's part; 'ghost' = groups of bn_group_size examples (ghost BN), separating the
+  # statistics batch from the optimizer's batch.
   c.bn_stats = 'sync'
   c.bn_group_size = 0
   c.hidden = (128,)  # MLP hidden widths
@@ -50,39 +52,67 @@ def base_config():
   c.target_val_accuracy = 0.0  # > 0: records steps/examples to reach it
   c.eval_batch_size = 1000
   c.progress = True
+  # Devices: data-parallel over `devices` (0 = every device JAX sees, of every host) with
+  # `parallel` = shard_map | pmap; hosts join through jax.distributed (unset: environment).
+  c.devices = 0
+  c.parallel = 'shard_map'
+  c.coordinator_address = ''  # e.g. 10.0.0.1:1234
+  c.num_processes = 0
+  c.process_id = -1
   c.compilation_cache = True  # JAX's persistent compilation cache
   c.compilation_cache_dir = ''  # '' = $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax)
   return c
 
 
-def make_model(config, **overrides):
-  """The model a config describes; `overrides` replace config entries (e.g. norm='none')."""
+def make_model(config, data_parallel=False, **overrides):
+  """The model a config describes; `overrides` replace config entries (e.g. norm='none').
+
+  `bn_stats` picks where BN's training statistics come from: 'sync' (the whole batch, across
+  devices when `data_parallel`), 'local' (each device's part) or 'ghost' (groups of
+  `bn_group_size` examples); on one device 'local' is the whole batch too.
+  """
   c = {**config.to_dict(), **overrides}
-  if c['bn_stats'] not in ('sync', 'ghost'):
-    raise ValueError(f"unknown bn_stats {c['bn_stats']!r}: choose 'sync' or 'ghost'.")
-  norm = 'ghost' if c['norm'] == 'batch' and c['bn_stats'] == 'ghost' else c['norm']
-  kwargs = dict(norm=norm, dropout=c['dropout'], activation=c['activation'],
+  if c['bn_stats'] not in parallel.BN_STATS:
+    raise ValueError(f"unknown bn_stats {c['bn_stats']!r}: choose one of {parallel.BN_STATS}.")
+  kwargs = dict(norm=c['norm'], dropout=c['dropout'], activation=c['activation'],
                 bn_momentum=c['bn_momentum'], bn_epsilon=c['bn_epsilon'],
                 bn_group_size=c['bn_group_size'])
+  if c['norm'] == 'batch' and c['bn_stats'] == 'ghost':
+    kwargs['norm'] = 'ghost'
+  if c['norm'] == 'batch' and c['bn_stats'] == 'sync' and data_parallel:
+    kwargs['bn_axis_name'] = parallel.AXIS
   if c['model'] == 'mlp':
     kwargs['hidden'] = tuple(c['hidden'])
   return models.create_model(c['model'], **kwargs)
 
 
-def run(config, dataset, *, experiment, programs=None, **overrides):
+def make_runner(config):
+  """One device, or data-parallel over `config.devices` (joining other hosts if configured)."""
+  parallel.initialize_distributed(config.coordinator_address, config.num_processes,
+                                  config.process_id)
+  if (config.devices or jax.device_count()) == 1 and jax.process_count() == 1:
+    return train.ONE_DEVICE
+  return parallel.DataParallel(config.devices, config.parallel)
+
+
+def run(config, dataset, *, experiment, programs=None, runner=train.ONE_DEVICE, **overrides):
   """Trains every seed of one configuration; returns one result record per seed."""
   config = resolve(config, **overrides)
-  data = dataset if isinstance(dataset, train.DeviceData) else train.DeviceData.put(dataset)
+  data = (dataset if isinstance(dataset, train.DeviceData) else
+          train.DeviceData.put(dataset, runner))
   t0 = time.perf_counter()
   results, _ = train.fit(
-      make_model(config), data, seeds=range(config.seeds),
+      make_model(config, runner is not train.ONE_DEVICE), data, seeds=range(config.seeds),
       learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=config.epochs,
       max_steps=config.max_steps, chunk_steps=config.chunk_steps,
       evals_per_epoch=config.evals_per_epoch, eval_batch_size=config.eval_batch_size,
-      progress=config.progress, programs=programs,
+      progress=config.progress, programs=programs, runner=runner,
       desc=f'{config.model}/{config.norm} bs={config.batch_size}')
   wall = time.perf_counter() - t0
-  return [make_record(experiment, config, r, wall_seconds=wall) for r in results]
+  devices = {'platform': jax.default_backend(), 'count': runner.num_devices,
+             'processes': jax.process_count()}
+  return [make_record(experiment, config, r, wall_seconds=wall, devices=devices)
+          for r in results]
 
 
 def sweep(config, dataset, grid, *, experiment, results_path=None, compile_threads=0):
@@ -92,21 +122,23 @@ def sweep(config, dataset, grid, *, experiment, results_path=None, compile_threa
   with itself and with the training of the configurations that are ready.
   """
   configs = [resolve(config, **overrides) for overrides in grid]
-  data = train.DeviceData.put(dataset)
+  runner = make_runner(config)
+  data = train.DeviceData.put(dataset, runner)
+  parallel_run = runner is not train.ONE_DEVICE
 
   def compile_one(c):
     schedule = train.Schedule(data.size('train'), c.batch_size, c.epochs, c.max_steps,
-                              c.chunk_steps, c.evals_per_epoch)
-    return train.compile_programs(make_model(c), data, schedule, seeds=list(range(c.seeds)),
-                                  learning_rate=c.learning_rate,
-                                  eval_batch_size=c.eval_batch_size)
+                              c.chunk_steps, c.evals_per_epoch, runner.num_devices)
+    return train.compile_programs(make_model(c, parallel_run), data, schedule,
+                                  seeds=list(range(c.seeds)), learning_rate=c.learning_rate,
+                                  eval_batch_size=c.eval_batch_size, runner=runner)
 
   records = []
   workers = compile_threads or os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     futures = [pool.submit(compile_one, c) for c in configs]
     for c, future in zip(configs, futures):
-      runs = run(c, data, experiment=experiment, programs=future.result())
+      runs = run(c, data, experiment=experiment, programs=future.result(), runner=runner)
       if results_path:
         append_records(results_path, runs)
       records += runs
@@ -142,7 +174,7 @@ def enable_compilation_cache(config):
   return path
 
 
-def make_record(experiment, config, result, *, wall_seconds):
+def make_record(experiment, config, result, *, wall_seconds, devices=None):
   """The shared result record of one run (one seed)."""
   config_dict = _jsonable(config.to_dict())
   config_dict['seed'] = result['seed']
@@ -168,7 +200,7 @@ def make_record(experiment, config, result, *, wall_seconds):
       'status': result['status'],
       'diverged_at': result['diverged_at'],
       'versions': versions(),
-      'devices': {'platform': jax.default_backend(), 'count': jax.device_count()},
+      'devices': devices or {'platform': jax.default_backend(), 'count': 1, 'processes': 1},
   }
 
 
@@ -197,8 +229,15 @@ def _jsonable(value):
 
 # --- Files: nothing half-written --------------------------------------------------------------
 
+def is_writer():
+  """Only process 0 writes results, plots and logs when several hosts train together."""
+  return jax.process_index() == 0
+
+
 def atomic_write(path, data):
-  """Writes text or bytes to `path` via a temporary file and a rename."""
+  """Writes text or bytes to `path` via a temporary file and a rename (process 0 only)."""
+  if not is_writer():
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   mode = 'wb' if isinstance(data, bytes) else 'w'
@@ -219,7 +258,9 @@ def atomic_write(path, data):
 
 
 def append_records(path, records):
-  """Appends records to a JSON-lines file, one whole line per write, flushed to disk."""
+  """Appends records to a JSON-lines file, one whole line per write, flushed (process 0)."""
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'a', encoding='utf-8') as f:
     for record in records:

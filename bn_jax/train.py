@@ -63,11 +63,13 @@ def train_step(state, batch, rng, *, axis_name=None):
     return sums['loss'] / jnp.maximum(count, 1.0), (sums, updates)
 
   grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  batch_stats = updates.get('batch_stats', state.batch_stats)
   if axis_name is not None:
     grads, sums = lax.psum((grads, sums), axis_name)
-  state = state.apply_gradients(
-      grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats))
-  return state, sums
+    # BN running averages stay identical on every device. With per-device (local / ghost)
+    # statistics, averaging every step is exact: the EMA of the mean is the mean of the EMAs.
+    batch_stats = lax.pmean(batch_stats, axis_name)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), sums
 
 
 def eval_step(state, batch, *, axis_name=None):
@@ -157,7 +159,8 @@ def epoch_order(seed, epoch, *, num_examples, batch_size, num_rows):
   A function of (seed, epoch) alone, so any chunk of any epoch can be recomputed on restart.
   """
   perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return index_rows(perm, batch_size, num_rows)
+  # Fewer rows than examples (whole batches only): this epoch's last few examples sit out.
+  return index_rows(perm[:num_rows * batch_size], batch_size, num_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +168,11 @@ class DeviceData:
   """Train, validation and test examples in one pair of device arrays, split by index ranges."""
   arrays: tuple  # (images, labels): train first, so train indices are 0 .. n_train-1
   splits: dict  # name -> np.ndarray of indices into `arrays`
+  image_shape: tuple  # of one example, e.g. (28, 28, 1)
 
   @classmethod
-  def put(cls, dataset):
+  def put(cls, dataset, runner=None):
+    """Puts the examples on the device (replicated on every device of `runner`)."""
     parts = [(dataset.train_images, dataset.train_labels),
              (dataset.val_images, dataset.val_labels),
              (dataset.test_images, dataset.test_labels)]
@@ -176,7 +181,7 @@ class DeviceData:
     bounds = np.cumsum([0] + [len(p[1]) for p in parts])
     splits = {name: np.arange(bounds[i], bounds[i + 1])
               for i, name in enumerate(('train', 'val', 'test'))}
-    return cls((jax.device_put(images), jax.device_put(labels)), splits)
+    return cls((runner or ONE_DEVICE).put((images, labels)), splits, images.shape[1:])
 
   def size(self, split):
     return len(self.splits[split])
@@ -187,6 +192,30 @@ def means(sums):
   count = np.maximum(np.asarray(sums['count']), 1.0)
   return {'loss': np.asarray(sums['loss']) / count,
           'accuracy': np.asarray(sums['correct']) / count}
+
+
+class OneDevice:
+  """Runs the seed-stacked programs on the default device. `parallel.DataParallel` runs the
+  same programs data-parallel over many devices and hosts, with the same methods."""
+  num_devices = 1
+
+  def put(self, tree, split_last=False):
+    """Host arrays -> device arrays (`split_last`: the batch axis, split over devices)."""
+    del split_last
+    return jax.device_put(tree)
+
+  def abstract(self, shape, dtype, split_last=False):
+    del split_last
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+  def get(self, tree):
+    return jax.device_get(tree)
+
+  train_chunks = staticmethod(train_chunks)
+  evaluate = staticmethod(evaluate_seeds)
+
+
+ONE_DEVICE = OneDevice()
 
 
 # --- The loop -----------------------------------------------------------------------------------
@@ -200,11 +229,15 @@ class Schedule:
   max_steps: int = 0  # a budget in steps instead of epochs (0: epochs * steps_per_epoch)
   chunk_steps: int = 0  # K, steps per dispatched program (0: as long as the eval interval)
   evals_per_epoch: int = 1
+  num_devices: int = 1  # several: the last partial batch is dropped (see README)
 
   def __post_init__(self):
     if not 0 < self.batch_size <= self.num_examples:
       raise ValueError(f'batch_size must be in [1, {self.num_examples}] (the training set '
                        f'size), got {self.batch_size}.')
+    if self.batch_size % self.num_devices:
+      raise ValueError(f'batch_size {self.batch_size} is not divisible by the {self.num_devices} '
+                       'devices: choose a multiple of the device count (or --config.devices).')
     if self.epochs < 0 or self.max_steps < 0 or self.chunk_steps < 0:
       raise ValueError('epochs, max_steps and chunk_steps must be >= 0, got '
                        f'{self.epochs}, {self.max_steps}, {self.chunk_steps}.')
@@ -213,6 +246,8 @@ class Schedule:
 
   @property
   def steps_per_epoch(self):
+    if self.num_devices > 1:  # cross-device BN means are unweighted: keep batches whole
+      return self.num_examples // self.batch_size
     return math.ceil(self.num_examples / self.batch_size)  # the last batch may be partial
 
   @property
@@ -237,10 +272,15 @@ class Schedule:
     s, e, k = self.steps_per_epoch, self.evals_per_epoch, self.k
     return chunk == self.chunks_per_epoch - 1 or (chunk + 1) * k * e // s > chunk * k * e // s
 
+  @property
+  def examples_per_epoch(self):
+    return min(self.num_examples, self.steps_per_epoch * self.batch_size)
+
   def examples_after(self, step):
-    """Training examples seen after `step` steps (the last batch of an epoch is partial)."""
+    """Training examples seen after `step` steps (the last batch of an epoch may be partial)."""
     epochs, rest = divmod(step, self.steps_per_epoch)
-    return epochs * self.num_examples + min(rest * self.batch_size, self.num_examples)
+    return epochs * self.examples_per_epoch + min(rest * self.batch_size,
+                                                  self.examples_per_epoch)
 
 
 @dataclasses.dataclass
@@ -250,69 +290,80 @@ class Programs:
   compile_seconds: float
 
 
-def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000):
+def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000,
+                     runner=ONE_DEVICE):
   """Initializes the states and compiles the train-chunk and eval programs ahead of time.
 
   Compiled programs land in jit's cache, so `fit` dispatches them without compiling; a sweep
   calls this for all its configurations at once from a thread pool.
   """
   t0 = time.perf_counter()
+  eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   keys = _seed_keys(seeds)
-  states = init_states(model, keys[:, 0], learning_rate, (1,) + data.arrays[0].shape[1:])
-  order = jax.ShapeDtypeStruct(
-      (len(seeds), schedule.chunks_per_epoch * schedule.k, schedule.batch_size), jnp.int32)
-  train_chunks.lower(states, data.arrays, order, keys[:, 1], 0, 0, schedule.k).compile()
-  rows = jax.ShapeDtypeStruct(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32)
-  evaluate_seeds.lower(states, data.arrays, rows).compile()
+  states = runner.put(jax.device_get(init_states(
+      model, keys[:, 0], learning_rate, (1,) + data.image_shape)))
+  order = runner.abstract(
+      (len(seeds), schedule.chunks_per_epoch * schedule.k, schedule.batch_size), jnp.int32,
+      split_last=True)
+  runner.train_chunks.lower(states, data.arrays, order, runner.put(keys[:, 1]), 0, 0,
+                            schedule.k).compile()
+  rows = runner.abstract(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32,
+                         split_last=True)
+  runner.evaluate.lower(states, data.arrays, rows).compile()
   return Programs(states, time.perf_counter() - t0)
 
 
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
-        programs=None):
+        programs=None, runner=ONE_DEVICE):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
   batches in train mode, validation loss/accuracy at the epoch's end, seconds), `curve`
   (validation at every eval point, with steps and examples seen), `final` (last epoch's
   numbers, test metrics, and eval-mode metrics over the whole training set) and `status`.
+  `runner` (default: one device) decides where the programs run; `parallel.DataParallel`
+  runs them over several devices and hosts. Returned states are host (numpy) arrays.
   """
-  data = data if isinstance(data, DeviceData) else DeviceData.put(data)
+  data = data if isinstance(data, DeviceData) else DeviceData.put(data, runner)
   sched = Schedule(data.size('train'), batch_size, epochs, max_steps, chunk_steps,
-                   evals_per_epoch)
+                   evals_per_epoch, runner.num_devices)
+  eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   seeds = list(seeds)
   programs = programs or compile_programs(model, data, sched, seeds=seeds,
                                           learning_rate=learning_rate,
-                                          eval_batch_size=eval_batch_size)
-  states, rngs = programs.states, _seed_keys(seeds)[:, 1]
-  evaluate_split = lambda split: means(jax.device_get(functools.reduce(
+                                          eval_batch_size=eval_batch_size, runner=runner)
+  states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
+  evaluate_split = lambda split: means(runner.get(functools.reduce(
       lambda a, b: jax.tree.map(jnp.add, a, b),
-      [evaluate_seeds(states, data.arrays, rows)
+      [runner.evaluate(states, data.arrays, runner.put(rows, split_last=True))
        for rows in _eval_blocks(data, split, eval_batch_size)])))
 
   n = len(seeds)
   history, curve = [[] for _ in seeds], [[] for _ in seeds]
   diverged_at = [None] * n
   step = 0
-  bar = tqdm(total=sched.total_steps, desc=desc, disable=not progress, leave=False)
+  bar = tqdm(total=sched.total_steps, desc=desc, leave=False,
+             disable=not progress or jax.process_index() != 0)
   for epoch in range(sched.num_epochs):
     t_epoch = time.perf_counter()
     order = np.stack([epoch_order(seed, epoch, num_examples=sched.num_examples,
                                   batch_size=batch_size,
                                   num_rows=sched.chunks_per_epoch * sched.k) for seed in seeds])
-    order = jax.device_put(order)
+    order = runner.put(order, split_last=True)
     stop = min(sched.steps_per_epoch, sched.total_steps - step)  # rows past it are skipped
     epoch_sums = None
     for c in range(sched.chunks_per_epoch):
       if step >= sched.total_steps:
         break
-      states, sums = train_chunks(states, data.arrays, order, rngs, c * sched.k, stop, sched.k)
+      states, sums = runner.train_chunks(states, data.arrays, order, rngs, c * sched.k, stop,
+                                         sched.k)
       epoch_sums = sums if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, sums)
       done = min((c + 1) * sched.k, stop)
       bar.update(epoch * sched.steps_per_epoch + done - step)
       step = epoch * sched.steps_per_epoch + done
       # One host sync per chunk: a NaN/inf check on the chunk's loss sums.
-      for s in np.flatnonzero(~np.isfinite(np.asarray(sums['loss']))):
+      for s in np.flatnonzero(~np.isfinite(runner.get(sums['loss']))):
         diverged_at[s] = diverged_at[s] or {'epoch': epoch + 1, 'step': step}
       if sched.evaluates_after(c) or step == sched.total_steps:
         val = evaluate_split('val')
@@ -320,7 +371,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
           curve[s].append({'step': step, 'examples': sched.examples_after(step),
                            'val_loss': float(val['loss'][s]),
                            'val_accuracy': float(val['accuracy'][s])})
-    train = means(jax.device_get(epoch_sums))
+    train = means(runner.get(epoch_sums))
     seconds = time.perf_counter() - t_epoch
     for s in range(n):
       history[s].append({
@@ -345,12 +396,17 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
                     'diverged_at': diverged_at[s], 'steps': step,
                     'steps_per_epoch': sched.steps_per_epoch,
                     'compile_seconds': programs.compile_seconds})
-  return results, states
+  return results, runner.get(states)
 
 
 def _seed_keys(seeds):
   """Per seed: (init key, dropout key)."""
   return jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(list(seeds)))
+
+
+def _eval_batch_size(batch_size, runner):
+  """Rounded up to a multiple of the device count: eval batches split evenly too."""
+  return -(-batch_size // runner.num_devices) * runner.num_devices
 
 
 def _eval_blocks(data, split, batch_size):

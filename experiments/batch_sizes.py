@@ -47,7 +47,8 @@ def main(argv):
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None)
   results_path = experiment.prepare_workdir(FLAGS.workdir)  # after the data loaded
-  print(f'{config.data}: {dataset.sizes()}')
+  if experiment.is_writer():
+    print(f'{config.data}: {dataset.sizes()}')
 
   grid = [{'norm': norm, 'batch_size': size,
            'learning_rate': experiment.scaled_learning_rate(
@@ -75,9 +76,10 @@ def main(argv):
   report.plot_accuracy_vs_batch_size(records, os.path.join(FLAGS.workdir,
                                                            'accuracy_vs_batch_size.png'))
   report.plot_val_curves(records, os.path.join(FLAGS.workdir, 'curves.png'))
-  print(table)
-  print(f'wrote {results_path}, summary.md, accuracy_vs_batch_size.png and curves.png in '
-        f'{FLAGS.workdir}')
+  if experiment.is_writer():
+    print(table)
+    print(f'wrote {results_path}, summary.md, accuracy_vs_batch_size.png and curves.png '
+          f'in {FLAGS.workdir}')
 
 
 def _steps_to_target(runs):

@@ -42,7 +42,8 @@ def main(argv):
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None)
   results_path = experiment.prepare_workdir(FLAGS.workdir)  # after the data loaded
-  print(f'{config.data}: {dataset.sizes()}')
+  if experiment.is_writer():
+    print(f'{config.data}: {dataset.sizes()}')
 
   records = experiment.sweep(config, dataset, [{'norm': norm} for norm in config.norms],
                              experiment='bn_vs_no_bn', results_path=results_path)
@@ -52,8 +53,9 @@ def main(argv):
       f'# BN vs no BN: {config.model}, {config.data}, batch {config.batch_size}, '
       f'{config.epochs} epochs, {config.seeds} seeds (mean ± std over seeds)\n\n{table}'))
   report.plot_curves(records, os.path.join(FLAGS.workdir, 'curves.png'))
-  print(table)
-  print(f'wrote {results_path}, summary.md and curves.png in {FLAGS.workdir}')
+  if experiment.is_writer():
+    print(table)
+    print(f'wrote {results_path}, summary.md and curves.png in {FLAGS.workdir}')
 
 
 if __name__ == '__main__':

@@ -1,8 +1,14 @@
-"""Shared fixtures: small generated data, never the network."""
+"""Shared fixtures: small generated data, never the network; 8 simulated CPU devices."""
 
-import pytest
+import os
 
-from bn_jax import data
+# Before JAX starts: 8 CPU devices for the multi-device tests (single-device code uses one).
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from bn_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope='session')

@@ -11,6 +11,8 @@ from bn_jax import data
 from bn_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Scripts run as a user runs them: one CPU device (not conftest's 8 simulated ones).
+SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
 RECORD_KEYS = {'experiment', 'model', 'norm', 'seed', 'batch_size', 'learning_rate', 'epochs',
                'data', 'config', 'history', 'final', 'wall_seconds', 'status', 'versions',
                'devices'}
@@ -59,7 +61,8 @@ def test_bn_vs_no_bn_script_end_to_end(tmp_path):
          f'--workdir={workdir}', '--config.data=synthetic:600', '--config.seeds=2',
          '--config.epochs=2', '--config.batch_size=64', '--config.progress=false',
          f'--config.compilation_cache_dir={tmp_path / "cache"}']
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                       env=SCRIPT_ENV)
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in open(workdir / 'results.jsonl')]
   assert [(r['norm'], r['seed']) for r in records] == [
@@ -108,7 +111,8 @@ def _run_batch_sizes(workdir, cache):
          f'--workdir={workdir}', '--config.data=synthetic:600', '--config.seeds=2',
          '--config.batch_sizes=(32,64)', '--config.epochs=2', '--config.progress=false',
          '--config.target_val_accuracy=0.5', f'--config.compilation_cache_dir={cache}']
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                       env=SCRIPT_ENV)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
 
@@ -140,3 +144,30 @@ def test_batch_sizes_script_end_to_end_and_warm_cache(tmp_path):
   assert len(entries) >= 4  # at least the 4 train-chunk programs
   _run_batch_sizes(tmp_path / 'warm', cache)
   assert sorted(os.listdir(cache)) == entries
+
+
+@pytest.mark.parametrize('bn_stats, data_parallel, norm, axis_name', [
+    ('sync', True, 'batch', 'batch'), ('sync', False, 'batch', None),
+    ('local', True, 'batch', None), ('ghost', True, 'ghost', None)])
+def test_bn_stats_pick_the_statistics_group(bn_stats, data_parallel, norm, axis_name):
+  config = experiment.resolve(experiment.base_config(), bn_stats=bn_stats, bn_group_size=4)
+  model = experiment.make_model(config, data_parallel)
+  assert (model.norm, model.bn_axis_name) == (norm, axis_name)
+  assert experiment.make_model(config, data_parallel, norm='none').norm == 'none'
+  with pytest.raises(ValueError, match="unknown bn_stats 'global'"):
+    experiment.make_model(experiment.resolve(config, bn_stats='global'))
+
+
+def test_script_on_simulated_devices_with_pmap_and_ghost_bn(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py'),
+         f'--workdir={tmp_path}', '--config.data=synthetic:600', '--config.seeds=1',
+         '--config.epochs=1', '--config.progress=false', '--config.norms=("batch",)',
+         '--config.devices=4', '--config.parallel=pmap', '--config.bn_stats=ghost',
+         '--config.bn_group_size=4', '--config.compilation_cache=false']
+  env = {**SCRIPT_ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (record,) = [json.loads(line) for line in open(tmp_path / 'results.jsonl')]
+  assert record['devices'] == {'platform': 'cpu', 'count': 4, 'processes': 1}
+  assert record['config']['bn_stats'] == 'ghost' and record['config']['parallel'] == 'pmap'
+  assert record['steps'] == 540 // 32  # several devices: whole batches only

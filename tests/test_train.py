@@ -192,3 +192,11 @@ def test_step_budget_stops_mid_epoch(small_dataset):
   assert result['history'][-1]['val_accuracy'] == result['curve'][-1]['val_accuracy']
   steps = [p['step'] for p in result['curve']]
   assert steps == sorted(set(steps)) and 10 in steps  # every epoch ends with an eval
+
+
+def test_several_devices_keep_batches_whole():
+  sched = train.Schedule(300, 32, epochs=2, num_devices=8)
+  assert sched.steps_per_epoch == 9 and sched.examples_per_epoch == 288
+  assert sched.examples_after(10) == 288 + 32
+  order = train.epoch_order(0, 0, num_examples=300, batch_size=32, num_rows=9)
+  assert (order >= 0).all() and len(set(order.ravel())) == 288
