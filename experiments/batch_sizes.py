@@ -14,6 +14,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from bn_jax import data
@@ -42,6 +43,7 @@ flags.DEFINE_string('workdir', 'runs/batch_sizes', 'Directory for results and pl
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # JAX's INFO lines (e.g. 'no TPU found') are noise here
   config = _CONFIG.value
   experiment.enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
