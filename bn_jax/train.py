@@ -21,6 +21,8 @@ from flax.training import train_state
 from jax import lax
 from tqdm.auto import tqdm
 
+from bn_jax import checkpoint
+
 
 class TrainState(train_state.TrainState):
   """Params, Adam state and step, plus the BN running averages."""
@@ -315,7 +317,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
-        programs=None, runner=ONE_DEVICE):
+        programs=None, runner=ONE_DEVICE, checkpointer=None):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -324,6 +326,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   numbers, test metrics, and eval-mode metrics over the whole training set) and `status`.
   `runner` (default: one device) decides where the programs run; `parallel.DataParallel`
   runs them over several devices and hosts. Returned states are host (numpy) arrays.
+  With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
+  every epoch end (and every `every_steps`, at chunk boundaries); it closes it when done.
   """
   data = data if isinstance(data, DeviceData) else DeviceData.put(data, runner)
   sched = Schedule(data.size('train'), batch_size, epochs, max_steps, chunk_steps,
@@ -340,48 +344,76 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
        for rows in _eval_blocks(data, split, eval_batch_size)])))
 
   n = len(seeds)
-  history, curve = [[] for _ in seeds], [[] for _ in seeds]
-  diverged_at = [None] * n
-  step = 0
-  bar = tqdm(total=sched.total_steps, desc=desc, leave=False,
+  history, curve, diverged_at = [[] for _ in seeds], [[] for _ in seeds], [None] * n
+  zero_sums = runner.put({key: np.zeros(n, np.float32) for key in ('loss', 'correct', 'count')})
+  epoch_sums, step, start_epoch, start_chunk = zero_sums, 0, 0, 0
+  if checkpointer:  # resume from the newest good checkpoint, if any
+    restored = checkpointer.restore(
+        checkpoint.abstract({'states': states, 'epoch_sums': zero_sums}))
+    if restored:
+      arrays, meta = restored
+      states, epoch_sums = arrays['states'], arrays['epoch_sums']
+      step, start_epoch, start_chunk = meta['step'], meta['epoch'], meta['chunk']
+      history, curve, diverged_at = meta['history'], meta['curve'], meta['diverged_at']
+  last_saved = step
+
+  def save(next_epoch, next_chunk):
+    meta = {'step': step, 'epoch': next_epoch, 'chunk': next_chunk, 'history': history,
+            'curve': curve, 'diverged_at': diverged_at}
+    checkpointer.save(step, {'states': states, 'epoch_sums': epoch_sums}, meta)
+    return step
+
+  bar = tqdm(total=sched.total_steps, initial=step, desc=desc, leave=False,
              disable=not progress or jax.process_index() != 0)
-  for epoch in range(sched.num_epochs):
-    t_epoch = time.perf_counter()
-    order = np.stack([epoch_order(seed, epoch, num_examples=sched.num_examples,
-                                  batch_size=batch_size,
-                                  num_rows=sched.chunks_per_epoch * sched.k) for seed in seeds])
-    order = runner.put(order, split_last=True)
-    stop = min(sched.steps_per_epoch, sched.total_steps - step)  # rows past it are skipped
-    epoch_sums = None
-    for c in range(sched.chunks_per_epoch):
-      if step >= sched.total_steps:
-        break
-      states, sums = runner.train_chunks(states, data.arrays, order, rngs, c * sched.k, stop,
-                                         sched.k)
-      epoch_sums = sums if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, sums)
-      done = min((c + 1) * sched.k, stop)
-      bar.update(epoch * sched.steps_per_epoch + done - step)
-      step = epoch * sched.steps_per_epoch + done
-      # One host sync per chunk: a NaN/inf check on the chunk's loss sums.
-      for s in np.flatnonzero(~np.isfinite(runner.get(sums['loss']))):
-        diverged_at[s] = diverged_at[s] or {'epoch': epoch + 1, 'step': step}
-      if sched.evaluates_after(c) or step == sched.total_steps:
-        val = evaluate_split('val')
-        for s in range(n):
-          curve[s].append({'step': step, 'examples': sched.examples_after(step),
-                           'val_loss': float(val['loss'][s]),
-                           'val_accuracy': float(val['accuracy'][s])})
-    train = means(runner.get(epoch_sums))
-    seconds = time.perf_counter() - t_epoch
-    for s in range(n):
-      history[s].append({
-          'epoch': epoch + 1, 'train_loss': float(train['loss'][s]),
-          'train_accuracy': float(train['accuracy'][s]), 'val_loss': curve[s][-1]['val_loss'],
-          'val_accuracy': curve[s][-1]['val_accuracy'], 'seconds': seconds})
-    bar.set_postfix(val_acc=f'{np.nanmean(val["accuracy"]):.4f}')
-    if all(diverged_at):
-      break  # every seed diverged: nothing left to learn
-  bar.close()
+  try:
+    for epoch in range(start_epoch, sched.num_epochs):
+      if all(diverged_at):
+        break  # every seed diverged: nothing left to learn
+      t_epoch = time.perf_counter()
+      order = np.stack([epoch_order(seed, epoch, num_examples=sched.num_examples,
+                                    batch_size=batch_size,
+                                    num_rows=sched.chunks_per_epoch * sched.k)
+                        for seed in seeds])
+      order = runner.put(order, split_last=True)
+      epoch_start = epoch * sched.steps_per_epoch
+      stop = min(sched.steps_per_epoch, sched.total_steps - epoch_start)  # later rows: skipped
+      first = start_chunk if epoch == start_epoch else 0
+      epoch_sums = epoch_sums if first else zero_sums
+      for c in range(first, sched.chunks_per_epoch):
+        if c * sched.k >= stop:
+          break
+        states, sums = runner.train_chunks(states, data.arrays, order, rngs, c * sched.k, stop,
+                                           sched.k)
+        epoch_sums = jax.tree.map(jnp.add, epoch_sums, sums)
+        done = min((c + 1) * sched.k, stop)
+        bar.update(epoch_start + done - step)
+        step = epoch_start + done
+        # One host sync per chunk: a NaN/inf check on the chunk's loss sums.
+        for s in np.flatnonzero(~np.isfinite(runner.get(sums['loss']))):
+          diverged_at[s] = diverged_at[s] or {'epoch': epoch + 1, 'step': step}
+        if sched.evaluates_after(c) or done == stop:
+          val = evaluate_split('val')
+          for s in range(n):
+            curve[s].append({'step': step, 'examples': sched.examples_after(step),
+                             'val_loss': float(val['loss'][s]),
+                             'val_accuracy': float(val['accuracy'][s])})
+        if done < stop and checkpointer and checkpointer.due(step, last_saved, False):
+          last_saved = save(epoch, c + 1)
+      train = means(runner.get(epoch_sums))
+      seconds = time.perf_counter() - t_epoch
+      for s in range(n):
+        history[s].append({
+            'epoch': epoch + 1, 'train_loss': float(train['loss'][s]),
+            'train_accuracy': float(train['accuracy'][s]),
+            'val_loss': curve[s][-1]['val_loss'], 'val_accuracy': curve[s][-1]['val_accuracy'],
+            'seconds': seconds})
+      bar.set_postfix(val_acc=f'{np.nanmean(val["accuracy"]):.4f}')
+      if checkpointer:
+        last_saved = save(epoch + 1, 0)
+  finally:
+    bar.close()
+    if checkpointer:
+      checkpointer.close()  # pending async saves complete, even on an error
 
   test, train_eval = evaluate_split('test'), evaluate_split('train')
   results = []

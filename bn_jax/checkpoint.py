@@ -1,0 +1,73 @@
+"""Checkpoints of a training run with Orbax: save, keep the last K, restore the newest good one.
+
+A checkpoint holds everything `train.fit` needs to continue exactly: the stacked TrainStates
+(params, Adam state, BN batch_stats, step), the metric sums of the epoch in progress, and, as
+JSON, the data position (epoch, next chunk), the history so far and the divergence record. The
+dropout rngs and each epoch's shuffle are functions of (seed, step) and (seed, epoch), so they
+need no saving.
+"""
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """An Orbax `CheckpointManager` over one run directory (one configuration, all its seeds)."""
+
+  def __init__(self, directory, *, keep=3, every_steps=0):
+    self.directory = os.path.abspath(directory)
+    self.every_steps = every_steps  # 0: only at the end of each epoch
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=True))
+
+  def due(self, step, last_saved_step, epoch_end):
+    """Save at every epoch end, and once `every_steps` have passed since the last save."""
+    return epoch_end or (self.every_steps > 0 and step - last_saved_step >= self.every_steps)
+
+  def save(self, step, arrays, meta):
+    """Starts an async save of `arrays` (a pytree of jax arrays) and `meta` (JSON)."""
+    self.manager.save(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, abstract_arrays):
+    """The newest checkpoint that restores, as (arrays, meta); None if there is none.
+
+    `abstract_arrays` gives the structure, shapes, dtypes and shardings to restore into (so
+    that optimizer states and batch_stats come back as the right types). A corrupt or
+    incomplete newest checkpoint is skipped with a warning; if none restores, an error names
+    the directory.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore(abstract_arrays), meta=ocp.args.JsonRestore()))
+        if errors:
+          log.warning('resumed from checkpoint %d in %s', step, self.directory)
+        return restored['arrays'], restored['meta']
+      except Exception as e:  # pylint: disable=broad-except  (any corruption: try older)
+        log.warning('checkpoint %d in %s cannot be restored (%s: %s); trying an older one',
+                    step, self.directory, type(e).__name__, str(e)[:200])
+        errors.append(step)
+    if steps:
+      raise RuntimeError(f'no checkpoint in {self.directory} can be restored (tried steps '
+                         f'{steps}); delete that directory to start the run afresh.')
+    return None
+
+  def close(self):
+    """Waits for pending saves; call before exiting."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract(tree):
+  """Shapes, dtypes and shardings of a pytree of arrays: the target to restore into."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
