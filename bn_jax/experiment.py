@@ -1,4 +1,4 @@
-"""Config -> model -> `train.fit` -> result records, and the results file they go to.
+"""Config -> model -> `train.fit` -> result records; sweeps that resume where they stopped.
 
 A result record is one JSON object per run, the same shape in every experiment:
 `experiment, model, norm, seed, batch_size, learning_rate, epochs, data, config, history,
@@ -6,20 +6,21 @@ final, wall_seconds, status, versions, devices` (see README, "Result records").
 """
 
 import concurrent.futures
-import json
 import math
 import os
 import platform
-import tempfile
 import time
+import warnings
 
 import flax
 import jax
 import ml_collections
 import optax
 
+from bn_jax import checkpoint
 from bn_jax import models
 from bn_jax import parallel
+from bn_jax import results
 from bn_jax import train
 
 
@@ -61,6 +62,13 @@ def base_config():
   c.process_id = -1
   c.compilation_cache = True  # JAX's persistent compilation cache
   c.compilation_cache_dir = ''  # '' = $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax)
+  # Checkpoints and resuming: the same command with the same workdir resumes a sweep, skipping
+  # finished runs; resume=false starts afresh (refusing to delete results unless overwrite).
+  c.resume = True
+  c.overwrite = False
+  c.checkpoint_every_steps = 0  # 0: at the end of every epoch only
+  c.checkpoint_keep = 3
+  c.bn_batch_of_one = 'error'  # BN over 1 example outputs just beta: 'error' | 'warn'
   return c
 
 
@@ -95,18 +103,19 @@ def make_runner(config):
   return parallel.DataParallel(config.devices, config.parallel)
 
 
-def run(config, dataset, *, experiment, programs=None, runner=train.ONE_DEVICE, **overrides):
+def run(config, dataset, *, experiment, programs=None, runner=train.ONE_DEVICE,
+        checkpointer=None, **overrides):
   """Trains every seed of one configuration; returns one result record per seed."""
   config = resolve(config, **overrides)
   data = (dataset if isinstance(dataset, train.DeviceData) else
           train.DeviceData.put(dataset, runner))
   t0 = time.perf_counter()
   results, _ = train.fit(
-      make_model(config, runner is not train.ONE_DEVICE), data, seeds=range(config.seeds),
+      make_model(config, isinstance(runner, parallel.DataParallel)), data, seeds=range(config.seeds),
       learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=config.epochs,
       max_steps=config.max_steps, chunk_steps=config.chunk_steps,
       evals_per_epoch=config.evals_per_epoch, eval_batch_size=config.eval_batch_size,
-      progress=config.progress, programs=programs, runner=runner,
+      progress=config.progress, programs=programs, runner=runner, checkpointer=checkpointer,
       desc=f'{config.model}/{config.norm} bs={config.batch_size}')
   wall = time.perf_counter() - t0
   devices = {'platform': jax.default_backend(), 'count': runner.num_devices,
@@ -115,16 +124,64 @@ def run(config, dataset, *, experiment, programs=None, runner=train.ONE_DEVICE, 
           for r in results]
 
 
-def sweep(config, dataset, grid, *, experiment, results_path=None, compile_threads=0):
-  """Runs every configuration of `grid` (a list of overrides); returns all records.
+def validate(config, num_devices=1):
+  """Checks a resolved config before anything trains; raises a ValueError naming the fix."""
+  for key in ('epochs', 'max_steps', 'chunk_steps', 'checkpoint_every_steps'):
+    if config[key] < 0:
+      raise ValueError(f'{key} must be >= 0, got {config[key]}.')
+  if config.epochs == 0 and config.max_steps == 0:
+    raise ValueError('nothing to train: set epochs > 0 (or max_steps > 0).')
+  if config.seeds < 1:
+    raise ValueError(f'seeds must be >= 1, got {config.seeds}.')
+  if not config.learning_rate > 0:  # also rejects NaN
+    raise ValueError(f'learning_rate must be a positive number, got {config.learning_rate}.')
+  if config.batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {config.batch_size}.')
+  if config.batch_size % num_devices:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by the {num_devices} '
+                     'devices: choose a multiple of the device count (or --config.devices).')
+  if config.bn_stats not in parallel.BN_STATS:
+    raise ValueError(f'unknown bn_stats {config.bn_stats!r}: choose one of '
+                     f'{parallel.BN_STATS}.')
+  if config.norm != 'batch':
+    return
+  per_device = config.batch_size // num_devices
+  group = {'sync': config.batch_size, 'local': per_device,
+           'ghost': config.bn_group_size}[config.bn_stats]
+  if config.bn_stats == 'ghost' and (group < 1 or per_device % group):
+    raise ValueError(f'bn_group_size={group} must divide the batch of {per_device} examples '
+                     'per device: choose a divisor of it.')
+  if group == 1:
+    message = ('BatchNorm over a single example: its variance is 0, so the layer outputs '
+               'beta whatever the input. Use a larger batch / bn_group_size, or set '
+               "--config.bn_batch_of_one=warn to run anyway.")
+    if config.bn_batch_of_one != 'warn':
+      raise ValueError(message)
+    warnings.warn(message)
 
-  All configurations' programs are compiled at once from a thread pool, so compiling overlaps
-  with itself and with the training of the configurations that are ready.
+
+def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None,
+          compile_threads=0):
+  """Runs every configuration of `grid` (a list of overrides); returns all their records.
+
+  With a `workdir`, each finished run is appended to its results.jsonl at once, finished runs
+  are skipped on a restart (`config.resume`), and each configuration checkpoints to
+  `checkpoints/<run key>/` and resumes from there. All configurations' programs compile at
+  once from a thread pool, overlapping with the training of those that are ready.
   """
+  runner = runner or make_runner(config)
   configs = [resolve(config, **overrides) for overrides in grid]
-  runner = make_runner(config)
+  for c in configs:
+    validate(c, runner.num_devices)
+  work = None
+  if workdir:
+    work = results.Workdir(workdir, experiment, resume=config.resume,
+                           overwrite=config.overwrite)
+  finished = work.finished if work else {}
+  todo = [c for c in configs
+          if not all((results.run_key(c), s) in finished for s in range(c.seeds))]
   data = train.DeviceData.put(dataset, runner)
-  parallel_run = runner is not train.ONE_DEVICE
+  parallel_run = isinstance(runner, parallel.DataParallel)
 
   def compile_one(c):
     schedule = train.Schedule(data.size('train'), c.batch_size, c.epochs, c.max_steps,
@@ -133,15 +190,25 @@ def sweep(config, dataset, grid, *, experiment, results_path=None, compile_threa
                                   seeds=list(range(c.seeds)), learning_rate=c.learning_rate,
                                   eval_batch_size=c.eval_batch_size, runner=runner)
 
-  records = []
+  new = {}
   workers = compile_threads or os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    futures = [pool.submit(compile_one, c) for c in configs]
-    for c, future in zip(configs, futures):
-      runs = run(c, data, experiment=experiment, programs=future.result(), runner=runner)
-      if results_path:
-        append_records(results_path, runs)
-      records += runs
+    futures = [pool.submit(compile_one, c) for c in todo]
+    for c, future in zip(todo, futures):
+      key = results.run_key(c)
+      checkpointer = None
+      if work:
+        checkpointer = checkpoint.Checkpointer(work.checkpoint_dir(key),
+                                               keep=c.checkpoint_keep,
+                                               every_steps=c.checkpoint_every_steps)
+      new[key] = run(c, data, experiment=experiment, programs=future.result(), runner=runner,
+                     checkpointer=checkpointer)
+      if work:
+        results.append_records(work.results_path, new[key])
+  records = []  # in grid order: this call's runs and the runs finished before
+  for c in configs:
+    key = results.run_key(c)
+    records += new[key] if key in new else [finished[(key, s)] for s in range(c.seeds)]
   return records
 
 
@@ -176,10 +243,11 @@ def enable_compilation_cache(config):
 
 def make_record(experiment, config, result, *, wall_seconds, devices=None):
   """The shared result record of one run (one seed)."""
-  config_dict = _jsonable(config.to_dict())
+  config_dict = results.jsonable(config.to_dict())
   config_dict['seed'] = result['seed']
   return {
       'experiment': experiment,
+      'run_key': results.run_key(config),
       'model': config.model,
       'norm': config.norm,
       'seed': result['seed'],
@@ -217,74 +285,3 @@ def resolve(config, **overrides):
       raise KeyError(f'unknown config key {key!r}')
     config[key] = value
   return config
-
-
-def _jsonable(value):
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  return value
-
-
-# --- Files: nothing half-written --------------------------------------------------------------
-
-def is_writer():
-  """Only process 0 writes results, plots and logs when several hosts train together."""
-  return jax.process_index() == 0
-
-
-def atomic_write(path, data):
-  """Writes text or bytes to `path` via a temporary file and a rename (process 0 only)."""
-  if not is_writer():
-    return
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  mode = 'wb' if isinstance(data, bytes) else 'w'
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def append_records(path, records):
-  """Appends records to a JSON-lines file, one whole line per write, flushed (process 0)."""
-  if not is_writer():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'a', encoding='utf-8') as f:
-    for record in records:
-      f.write(json.dumps(record, allow_nan=True) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
-
-
-def read_records(path):
-  """Reads a JSON-lines results file (ignoring a torn last line from a crash)."""
-  records = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if line.endswith('\n'):
-        records.append(json.loads(line))
-  return records
-
-
-def prepare_workdir(workdir):
-  """Creates the workdir and starts a fresh results file; returns its path."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f'workdir {workdir!r} is a file: pass --workdir=DIR with a '
-                             'directory path.')
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'results.jsonl')
-  atomic_write(path, '')
-  return path

@@ -10,7 +10,7 @@ matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from bn_jax.experiment import atomic_write  # pylint: disable=wrong-import-position
+from bn_jax.results import atomic_write  # pylint: disable=wrong-import-position
 
 def final(name):
   """Column function: a number from a record's `final` metrics."""

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from bn_jax import data
 from bn_jax import experiment
 from bn_jax import report
+from bn_jax import results
 
 
 def get_config():
@@ -48,8 +49,7 @@ def main(argv):
   experiment.enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None)
-  results_path = experiment.prepare_workdir(FLAGS.workdir)  # after the data loaded
-  if experiment.is_writer():
+  if results.is_writer():
     print(f'{config.data}: {dataset.sizes()}')
 
   grid = [{'norm': norm, 'batch_size': size,
@@ -57,7 +57,7 @@ def main(argv):
                config.learning_rate, size, config.base_batch_size, config.lr_scaling)}
           for norm in config.norms for size in config.batch_sizes]
   records = experiment.sweep(config, dataset, grid, experiment='batch_sizes',
-                             results_path=results_path)
+                             workdir=FLAGS.workdir)
 
   target = config.target_val_accuracy
   columns = (
@@ -71,16 +71,16 @@ def main(argv):
   )
   records.sort(key=lambda r: (r['batch_size'], r['norm']))  # BN and no BN side by side
   table = report.summary_table(records, keys=('batch_size', 'norm'), columns=columns)
-  experiment.atomic_write(os.path.join(FLAGS.workdir, 'summary.md'), (
+  results.atomic_write(os.path.join(FLAGS.workdir, 'summary.md'), (
       f'# Batch sizes: {config.model}, {config.data}, {config.epochs} epochs, {config.seeds} '
       f'seeds, lr scaling {config.lr_scaling}, bn_stats {config.bn_stats} (mean ± std over '
       f'seeds; wall s: per configuration, its seeds trained together)\n\n{table}'))
   report.plot_accuracy_vs_batch_size(records, os.path.join(FLAGS.workdir,
                                                            'accuracy_vs_batch_size.png'))
   report.plot_val_curves(records, os.path.join(FLAGS.workdir, 'curves.png'))
-  if experiment.is_writer():
+  if results.is_writer():
     print(table)
-    print(f'wrote {results_path}, summary.md, accuracy_vs_batch_size.png and curves.png '
+    print(f'wrote results.jsonl, summary.md, accuracy_vs_batch_size.png and curves.png '
           f'in {FLAGS.workdir}')
 
 

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from bn_jax import data
 from bn_jax import experiment
 from bn_jax import report
+from bn_jax import results
 
 
 def get_config():
@@ -43,21 +44,20 @@ def main(argv):
   experiment.enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None)
-  results_path = experiment.prepare_workdir(FLAGS.workdir)  # after the data loaded
-  if experiment.is_writer():
+  if results.is_writer():
     print(f'{config.data}: {dataset.sizes()}')
 
   records = experiment.sweep(config, dataset, [{'norm': norm} for norm in config.norms],
-                             experiment='bn_vs_no_bn', results_path=results_path)
+                             experiment='bn_vs_no_bn', workdir=FLAGS.workdir)
 
   table = report.summary_table(records)
-  experiment.atomic_write(os.path.join(FLAGS.workdir, 'summary.md'), (
+  results.atomic_write(os.path.join(FLAGS.workdir, 'summary.md'), (
       f'# BN vs no BN: {config.model}, {config.data}, batch {config.batch_size}, '
       f'{config.epochs} epochs, {config.seeds} seeds (mean ± std over seeds)\n\n{table}'))
   report.plot_curves(records, os.path.join(FLAGS.workdir, 'curves.png'))
-  if experiment.is_writer():
+  if results.is_writer():
     print(table)
-    print(f'wrote {results_path}, summary.md and curves.png in {FLAGS.workdir}')
+    print(f'wrote results.jsonl, summary.md and curves.png in {FLAGS.workdir}')
 
 
 if __name__ == '__main__':

@@ -34,27 +34,6 @@ def test_run_makes_one_record_per_seed_with_overrides_applied():
   assert config.norm == 'batch'  # the caller's config is left as it was
 
 
-def test_atomic_write_and_records_round_trip(tmp_path):
-  path = os.path.join(tmp_path, 'sub', 'summary.md')
-  experiment.atomic_write(path, 'hello')
-  experiment.atomic_write(path, 'world')
-  assert open(path).read() == 'world'
-  assert os.listdir(os.path.dirname(path)) == ['summary.md']  # no temporary left behind
-  results = os.path.join(tmp_path, 'results.jsonl')
-  experiment.append_records(results, [{'a': 1}, {'a': float('nan')}])
-  with open(results, 'a') as f:
-    f.write('{"torn": ')  # a crash in the middle of a line
-  records = experiment.read_records(results)
-  assert records[0] == {'a': 1} and len(records) == 2
-
-
-def test_workdir_that_is_a_file_is_refused(tmp_path):
-  path = tmp_path / 'file'
-  path.write_text('x')
-  with pytest.raises(NotADirectoryError, match='is a file'):
-    experiment.prepare_workdir(str(path))
-
-
 def test_bn_vs_no_bn_script_end_to_end(tmp_path):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py'),

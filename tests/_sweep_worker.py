@@ -1,0 +1,43 @@
+"""A small sweep run the way an experiment script runs it; for the kill -9 test.
+
+  python _sweep_worker.py WORKDIR KILL_AFTER
+
+With KILL_AFTER = n > 0 the process kills itself with SIGKILL when its (n+1)-th train chunk
+starts, wherever the sweep is (async checkpoint writes included). Prints the chunks it ran.
+"""
+
+import os
+import signal
+import sys
+
+from bn_jax import data, experiment, train  # pylint: disable=g-multiple-import
+
+
+class CountingChunks:
+  """`train.train_chunks`, counted, with a SIGKILL at call n + 1."""
+
+  def __init__(self, kill_after):
+    self.kill_after, self.calls = kill_after, 0
+
+  def __call__(self, *args):
+    self.calls += 1
+    if self.kill_after and self.calls > self.kill_after:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return train.train_chunks(*args)
+
+  def lower(self, *args):
+    return train.train_chunks.lower(*args)
+
+
+workdir, kill_after = sys.argv[1], int(sys.argv[2])
+config = experiment.base_config()
+# 300 examples, batch 32: 10 steps an epoch in 4 chunks (3, 3, 3, 1); 3 epochs; 2 configs.
+config.update(data='synthetic:400', val_fraction=0.25, seeds=2, epochs=3, batch_size=32,
+              hidden=(16,), chunk_steps=3, checkpoint_every_steps=4, progress=False,
+              compilation_cache=False)
+runner = train.OneDevice()
+runner.train_chunks = CountingChunks(kill_after)
+experiment.sweep(config, data.load(config.data, val_fraction=config.val_fraction),
+                 [{'norm': 'batch'}, {'norm': 'none'}], experiment='kill_test',
+                 workdir=workdir, runner=runner)
+print('chunks run:', runner.train_chunks.calls)

@@ -1,0 +1,121 @@
+"""Faults and bad input at the level of a sweep: kill -9 and resume, divergence, checks."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from bn_jax import data
+from bn_jax import experiment
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user runs
+VOLATILE = ('wall_seconds', 'compile_seconds')
+
+
+def _sweep(workdir, kill_after=0):
+  return subprocess.run([sys.executable, os.path.join(HERE, '_sweep_worker.py'), str(workdir),
+                         str(kill_after)], capture_output=True, text=True, timeout=300,
+                        env=ENV, check=False)
+
+
+def _records(workdir):
+  records = [json.loads(line) for line in open(workdir / 'results.jsonl')]
+  for r in records:
+    for key in VOLATILE:
+      r.pop(key)
+    for h in r['history']:
+      h.pop('seconds')
+  return records
+
+
+def test_killed_sweep_resumes_runs_only_what_is_unfinished_and_matches(tmp_path):
+  clean = _sweep(tmp_path / 'clean')
+  assert clean.returncode == 0, clean.stderr[-3000:]
+  assert 'chunks run: 24' in clean.stdout  # 2 configurations x 3 epochs x 4 chunks
+
+  # Killed (SIGKILL) as the 6th chunk of the second configuration starts: the first
+  # configuration is finished and recorded, the second has checkpoints at steps 6 and 10.
+  killed = _sweep(tmp_path / 'killed', kill_after=17)
+  assert killed.returncode == -9
+  assert len(open(tmp_path / 'killed' / 'results.jsonl').readlines()) == 2
+
+  resumed = _sweep(tmp_path / 'killed')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  # From step 10 (8 chunks left), or from step 6 if the kill caught step 10's asynchronous
+  # save before it was finalized (10 chunks left); never from scratch (12).
+  chunks = int(resumed.stdout.split('chunks run:')[1])
+  assert chunks in (8, 10), resumed.stdout
+  assert _records(tmp_path / 'killed') == _records(tmp_path / 'clean')  # bit-identical
+
+
+def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+  config = experiment.base_config()
+  config.update(data='synthetic:400', val_fraction=0.25, seeds=1, epochs=2, hidden=(16,),
+                norm='none', progress=False, compilation_cache=False, devices=1)
+  records = experiment.sweep(config, data.load(config.data, val_fraction=0.25),
+                             [{'learning_rate': 1e30}, {'learning_rate': 1e-3}],
+                             experiment='t', workdir=str(tmp_path))
+  assert [r['status'] for r in records] == ['diverged', 'ok']
+  assert records[0]['diverged_at'] == {'epoch': 1, 'step': 10}
+  assert len(records[0]['history']) == 1  # stopped once every seed had diverged
+  assert len(records[1]['history']) == 2 and records[1]['final']['val_loss'] < 10  # finite
+  on_disk = [json.loads(line)['status'] for line in open(tmp_path / 'results.jsonl')]
+  assert on_disk == ['diverged', 'ok']
+
+
+def _validate(**overrides):
+  devices = overrides.pop('devices', 1)
+  experiment.validate(experiment.resolve(experiment.base_config(), **overrides), devices)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'epochs': -1}, 'epochs must be >= 0, got -1'),
+    ({'epochs': 0}, 'nothing to train'),
+    ({'batch_size': 0}, 'batch_size must be >= 1, got 0'),
+    ({'learning_rate': -0.1}, 'learning_rate must be a positive number'),
+    ({'learning_rate': float('nan')}, 'learning_rate must be a positive number'),
+    ({'seeds': 0}, 'seeds must be >= 1'),
+    ({'batch_size': 1}, 'BatchNorm over a single example'),
+    ({'bn_stats': 'ghost', 'bn_group_size': 1}, 'BatchNorm over a single example'),
+    ({'bn_stats': 'local', 'batch_size': 8, 'devices': 8}, 'BatchNorm over a single example'),
+    ({'bn_stats': 'ghost', 'bn_group_size': 5}, 'bn_group_size=5 must divide the batch of 32'),
+    ({'batch_size': 36, 'devices': 8}, 'batch_size 36 is not divisible by the 8 devices'),
+    ({'bn_stats': 'global'}, "unknown bn_stats 'global'"),
+])
+def test_bad_settings_fail_before_training(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    _validate(**overrides)
+
+
+def test_bn_batch_of_one_can_be_allowed_with_a_loud_warning():
+  with pytest.warns(UserWarning, match='BatchNorm over a single example'):
+    _validate(batch_size=1, bn_batch_of_one='warn')
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    _validate(batch_size=1, norm='none')  # no BN: nothing to warn about
+
+
+def test_batch_larger_than_the_training_set_is_refused(tmp_path):
+  config = experiment.base_config()
+  config.update(data='synthetic:400', batch_size=1000, progress=False, compilation_cache=False,
+                devices=1)
+  with pytest.raises(ValueError, match=r'batch_size must be in \[1, 360\]'):
+    experiment.sweep(config, data.load(config.data), [{}], experiment='t')
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.batchsize=3', 'Did you mean "batch_size"'),
+    ('--config.learning_rate=abc', "could not convert string to float: 'abc'"),
+    ('--config.data=mnist', "unknown data spec 'mnist'"),
+    ('--config.model=resnet', "unknown model 'resnet'"),
+])
+def test_bad_command_line_input_is_named(tmp_path, flag, message):
+  out = subprocess.run([sys.executable, os.path.join(HERE, '..', 'experiments', 'bn_vs_no_bn.py'),
+                        f'--workdir={tmp_path}', '--config.data=synthetic:200', flag,
+                        '--config.compilation_cache=false'], capture_output=True, text=True,
+                       timeout=120, env=ENV, check=False)
+  assert out.returncode != 0 and message in out.stderr

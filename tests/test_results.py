@@ -1,0 +1,58 @@
+"""Files on disk: atomic writes, whole-line records, the workdir's checks, run keys."""
+
+import os
+
+import pytest
+
+from bn_jax import experiment
+from bn_jax import results
+
+
+def test_atomic_write_and_records_round_trip(tmp_path):
+  path = os.path.join(tmp_path, 'sub', 'summary.md')
+  results.atomic_write(path, 'hello')
+  results.atomic_write(path, 'world')
+  assert open(path).read() == 'world'
+  assert os.listdir(os.path.dirname(path)) == ['summary.md']  # no temporary left behind
+  records_path = os.path.join(tmp_path, 'results.jsonl')
+  results.append_records(records_path, [{'a': 1}, {'a': float('nan')}])
+  with open(records_path, 'a') as f:
+    f.write('{"torn": ')  # a crash in the middle of a line
+  records = results.read_records(records_path)
+  assert records[0] == {'a': 1} and len(records) == 2
+
+
+def test_run_key_ignores_settings_that_do_not_change_numbers():
+  config = experiment.base_config()
+  key = results.run_key(config)
+  assert key == results.run_key(experiment.resolve(config, progress=False, resume=False))
+  assert key != results.run_key(experiment.resolve(config, batch_size=64))
+  assert key != results.run_key(experiment.resolve(config, devices=8))
+  assert len(key) == 12
+
+
+def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
+  path = tmp_path / 'file'
+  path.write_text('x')
+  with pytest.raises(NotADirectoryError, match='is a file'):
+    results.Workdir(str(path), 'e')
+  with pytest.raises(OSError, match="workdir '/proc/bn_jax_test' is not writable"):
+    results.Workdir('/proc/bn_jax_test', 'e')  # not writable even for root
+
+
+def test_workdir_refuses_results_of_another_experiment(tmp_path):
+  results.append_records(str(tmp_path / 'results.jsonl'), [{'experiment': 'batch_sizes'}])
+  with pytest.raises(ValueError, match="holds results of experiment 'batch_sizes', not "
+                                       "'bn_vs_no_bn': use another --workdir"):
+    results.Workdir(str(tmp_path), 'bn_vs_no_bn')
+
+
+def test_resume_false_refuses_to_overwrite_unless_asked(tmp_path):
+  record = {'experiment': 'e', 'run_key': 'k', 'seed': 0}
+  results.append_records(str(tmp_path / 'results.jsonl'), [record])
+  os.makedirs(tmp_path / 'checkpoints' / 'k')
+  assert results.Workdir(str(tmp_path), 'e').finished == {('k', 0): record}  # resume: kept
+  with pytest.raises(FileExistsError, match='pass --config.overwrite=true'):
+    results.Workdir(str(tmp_path), 'e', resume=False)
+  assert results.Workdir(str(tmp_path), 'e', resume=False, overwrite=True).finished == {}
+  assert not (tmp_path / 'results.jsonl').exists() and not (tmp_path / 'checkpoints').exists()
