@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from bn_jax import data
+from bn_jax import loop
 from bn_jax import models
 from bn_jax import parallel
 from bn_jax import train
@@ -31,7 +32,7 @@ def main():
 
   def fit(runner=train.ONE_DEVICE, **kwargs):
     model = models.create_model('mlp', dropout=0.0, **kwargs)
-    _, states = train.fit(model, dataset, batch_size=args.batch_size, max_steps=steps,
+    _, states = loop.fit(model, dataset, batch_size=args.batch_size, max_steps=steps,
                           progress=False, runner=runner)
     return states
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from bn_jax import data as data_lib
 from bn_jax import experiment
+from bn_jax import loop
 from bn_jax import models
 from bn_jax import train
 
@@ -53,7 +54,7 @@ def seeds_scaling(dataset, counts, epochs):
   model = models.create_model('mlp', norm='batch')
   out = {}
   for n in counts:
-    results, _ = train.fit(model, data, seeds=range(n), batch_size=32, epochs=epochs,
+    results, _ = loop.fit(model, data, seeds=range(n), batch_size=32, epochs=epochs,
                            progress=False)
     out[n] = sum(h['seconds'] for h in results[0]['history'])
   return out

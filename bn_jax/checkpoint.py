@@ -1,6 +1,6 @@
 """Checkpoints of a training run with Orbax: save, keep the last K, restore the newest good one.
 
-A checkpoint holds everything `train.fit` needs to continue exactly: the stacked TrainStates
+A checkpoint holds everything `loop.fit` needs to continue exactly: the stacked TrainStates
 (params, Adam state, BN batch_stats, step), the metric sums of the epoch in progress, and, as
 JSON, the data position (epoch, next chunk), the history so far and the divergence record. The
 dropout rngs and each epoch's shuffle are functions of (seed, step) and (seed, epoch), so they
@@ -9,6 +9,8 @@ need no saving.
 
 import logging
 import os
+import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,20 +21,26 @@ log = logging.getLogger(__name__)
 class Checkpointer:
   """An Orbax `CheckpointManager` over one run directory (one configuration, all its seeds)."""
 
-  def __init__(self, directory, *, keep=3, every_steps=0):
+  def __init__(self, directory, *, keep=3, every_steps=0, min_seconds=0.0):
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps  # 0: only at the end of each epoch
+    self.min_seconds = min_seconds  # never save more often than this
+    self.last_time = time.monotonic()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
 
   def due(self, step, last_saved_step, epoch_end):
-    """Save at every epoch end, and once `every_steps` have passed since the last save."""
+    """Save at every epoch end and once `every_steps` have passed since the last save, but
+    not within `min_seconds` of the last save (small runs would spend their time saving)."""
+    if time.monotonic() - self.last_time < self.min_seconds:
+      return False
     return epoch_end or (self.every_steps > 0 and step - last_saved_step >= self.every_steps)
 
   def save(self, step, arrays, meta):
     """Starts an async save of `arrays` (a pytree of jax arrays) and `meta` (JSON)."""
+    self.last_time = time.monotonic()
     self.manager.save(step, args=ocp.args.Composite(
         arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
 
@@ -66,6 +74,10 @@ class Checkpointer:
     """Waits for pending saves; call before exiting."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+  def delete(self):
+    """Removes the run's checkpoints (once its results are recorded, they are not needed)."""
+    shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def abstract(tree):

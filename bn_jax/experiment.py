@@ -1,4 +1,4 @@
-"""Config -> model -> `train.fit` -> result records; sweeps that resume where they stopped.
+"""Config -> model -> `loop.fit` -> result records; sweeps that resume where they stopped.
 
 A result record is one JSON object per run, the same shape in every experiment:
 `experiment, model, norm, seed, batch_size, learning_rate, epochs, data, config, history,
@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from bn_jax import checkpoint
+from bn_jax import loop
 from bn_jax import models
 from bn_jax import parallel
 from bn_jax import results
@@ -67,7 +68,9 @@ def base_config():
   c.resume = True
   c.overwrite = False
   c.checkpoint_every_steps = 0  # 0: at the end of every epoch only
+  c.checkpoint_min_seconds = 10.0  # but never more often than this
   c.checkpoint_keep = 3
+  c.keep_checkpoints = False  # delete a run's checkpoints once its results are recorded
   c.bn_batch_of_one = 'error'  # BN over 1 example outputs just beta: 'error' | 'warn'
   return c
 
@@ -110,7 +113,7 @@ def run(config, dataset, *, experiment, programs=None, runner=train.ONE_DEVICE,
   data = (dataset if isinstance(dataset, train.DeviceData) else
           train.DeviceData.put(dataset, runner))
   t0 = time.perf_counter()
-  results, _ = train.fit(
+  results, _ = loop.fit(
       make_model(config, isinstance(runner, parallel.DataParallel)), data, seeds=range(config.seeds),
       learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=config.epochs,
       max_steps=config.max_steps, chunk_steps=config.chunk_steps,
@@ -124,8 +127,13 @@ def run(config, dataset, *, experiment, programs=None, runner=train.ONE_DEVICE,
           for r in results]
 
 
-def validate(config, num_devices=1):
+def validate(config, num_devices=1, num_train=None):
   """Checks a resolved config before anything trains; raises a ValueError naming the fix."""
+  if config.model not in models.MODELS:
+    raise ValueError(f'unknown model {config.model!r}: choose one of {tuple(models.MODELS)}.')
+  if config.norm not in ('none', 'batch'):
+    raise ValueError(f"unknown norm {config.norm!r}: choose 'batch' or 'none' (where BN's "
+                     'statistics come from is --config.bn_stats).')
   for key in ('epochs', 'max_steps', 'chunk_steps', 'checkpoint_every_steps'):
     if config[key] < 0:
       raise ValueError(f'{key} must be >= 0, got {config[key]}.')
@@ -135,8 +143,9 @@ def validate(config, num_devices=1):
     raise ValueError(f'seeds must be >= 1, got {config.seeds}.')
   if not config.learning_rate > 0:  # also rejects NaN
     raise ValueError(f'learning_rate must be a positive number, got {config.learning_rate}.')
-  if config.batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {config.batch_size}.')
+  if config.batch_size < 1 or (num_train and config.batch_size > num_train):
+    raise ValueError(f'batch_size must be in [1, {num_train or "the training set size"}], got '
+                     f'{config.batch_size}.')
   if config.batch_size % num_devices:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the {num_devices} '
                      'devices: choose a multiple of the device count (or --config.devices).')
@@ -148,7 +157,10 @@ def validate(config, num_devices=1):
   per_device = config.batch_size // num_devices
   group = {'sync': config.batch_size, 'local': per_device,
            'ghost': config.bn_group_size}[config.bn_stats]
-  if config.bn_stats == 'ghost' and (group < 1 or per_device % group):
+  if config.bn_stats == 'ghost' and group < 1:
+    raise ValueError("bn_stats='ghost' needs --config.bn_group_size=G, the examples per BN "
+                     'group.')
+  if config.bn_stats == 'ghost' and per_device % group:
     raise ValueError(f'bn_group_size={group} must divide the batch of {per_device} examples '
                      'per device: choose a divisor of it.')
   if group == 1:
@@ -172,7 +184,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None,
   runner = runner or make_runner(config)
   configs = [resolve(config, **overrides) for overrides in grid]
   for c in configs:
-    validate(c, runner.num_devices)
+    validate(c, runner.num_devices, len(dataset.train_labels))
   work = None
   if workdir:
     work = results.Workdir(workdir, experiment, resume=config.resume,
@@ -180,13 +192,16 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None,
   finished = work.finished if work else {}
   todo = [c for c in configs
           if not all((results.run_key(c), s) in finished for s in range(c.seeds))]
+  if len(todo) < len(configs) and results.is_writer():
+    print(f'{workdir}: {len(configs) - len(todo)} of {len(configs)} configurations already '
+          'finished (results.jsonl); running the rest.')
   data = train.DeviceData.put(dataset, runner)
   parallel_run = isinstance(runner, parallel.DataParallel)
 
   def compile_one(c):
-    schedule = train.Schedule(data.size('train'), c.batch_size, c.epochs, c.max_steps,
+    schedule = loop.Schedule(data.size('train'), c.batch_size, c.epochs, c.max_steps,
                               c.chunk_steps, c.evals_per_epoch, runner.num_devices)
-    return train.compile_programs(make_model(c, parallel_run), data, schedule,
+    return loop.compile_programs(make_model(c, parallel_run), data, schedule,
                                   seeds=list(range(c.seeds)), learning_rate=c.learning_rate,
                                   eval_batch_size=c.eval_batch_size, runner=runner)
 
@@ -200,11 +215,14 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None,
       if work:
         checkpointer = checkpoint.Checkpointer(work.checkpoint_dir(key),
                                                keep=c.checkpoint_keep,
-                                               every_steps=c.checkpoint_every_steps)
+                                               every_steps=c.checkpoint_every_steps,
+                                               min_seconds=c.checkpoint_min_seconds)
       new[key] = run(c, data, experiment=experiment, programs=future.result(), runner=runner,
                      checkpointer=checkpointer)
       if work:
         results.append_records(work.results_path, new[key])
+        if not c.keep_checkpoints and results.is_writer():
+          checkpointer.delete()
   records = []  # in grid order: this call's runs and the runs finished before
   for c in configs:
     key = results.run_key(c)

@@ -41,7 +41,7 @@ def _evaluate(states, data, rows):
 
 
 class DataParallel:
-  """Runs the seed-stacked programs data-parallel; the runner interface of `train.fit`."""
+  """Runs the seed-stacked programs data-parallel; the runner interface of `loop.fit`."""
 
   def __init__(self, num_devices=0, kind='shard_map'):
     if kind not in KINDS:

@@ -32,12 +32,13 @@ def group(records, keys):
 
 
 def mean_std(values, digits=4):
-  """'mean ± std' (sample std over seeds; '—' when nothing is finite)."""
+  """'mean ± std' (sample std over seeds); just the value for one seed; '—' for none."""
   values = np.asarray([v for v in values if v is not None and np.isfinite(v)], float)
   if not len(values):
     return '—'
-  std = values.std(ddof=1) if len(values) > 1 else 0.0
-  return f'{values.mean():.{digits}f} ± {std:.{digits}f}'
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f}'
+  return f'{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}'
 
 
 def summary_table(records, keys=('model', 'norm'), columns=FINAL_COLUMNS):

@@ -14,8 +14,9 @@ import jax
 
 # Settings that do not change a run's numbers, left out of its key.
 NOT_IN_KEY = ('progress', 'compilation_cache', 'compilation_cache_dir', 'resume', 'overwrite',
-              'checkpoint_every_steps', 'checkpoint_keep', 'coordinator_address',
-              'num_processes', 'process_id', 'bn_batch_of_one')
+              'checkpoint_every_steps', 'checkpoint_min_seconds', 'checkpoint_keep',
+              'keep_checkpoints', 'coordinator_address', 'num_processes', 'process_id',
+              'bn_batch_of_one')
 
 
 def is_writer():
@@ -104,8 +105,8 @@ class Workdir:
         probe.flush()
         os.fsync(probe.fileno())
     except OSError as e:
-      raise OSError(f'workdir {path!r} is not writable ({e.strerror}): choose another '
-                    '--workdir or free some space.') from e
+      raise OSError(f'workdir {path!r} cannot be created or written ({e.strerror}): choose '
+                    'another --workdir (or free some space).') from e
     records = read_records(self.results_path) if os.path.exists(self.results_path) else []
     others = sorted({r.get('experiment') for r in records} - {experiment})
     if others:

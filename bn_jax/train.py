@@ -1,15 +1,15 @@
-"""TrainState with `batch_stats`, the pure train / eval steps, and the chunked training loop.
+"""TrainState with `batch_stats`, the pure train / eval steps, and their chunked programs.
 
-Everything above `fit` is a pure function of its arguments, jit-able as is. The loop runs a
-`lax.scan` of `train_step` over a chunk of K steps per dispatch (K up to a whole epoch), with the
-dataset on the device passed as an argument, and seeds stacked on a leading axis (`jax.vmap`), so
-one compiled program trains every seed of a configuration.
+`train_step` and `eval_step` are pure functions of their arguments, jit-able as is, with an
+optional `axis_name` for data parallelism. `train_chunk` runs K of them in one `lax.scan`
+(K up to a whole epoch), with the dataset on the device passed as an argument; the seeds of a
+configuration are stacked on a leading axis (`jax.vmap`), so one compiled program trains them
+all. The loop that drives these programs is `bn_jax.loop.fit`.
 """
 
 import dataclasses
 import functools
 import math
-import time
 from typing import Any
 
 import flax
@@ -19,9 +19,6 @@ import numpy as np
 import optax
 from flax.training import train_state
 from jax import lax
-from tqdm.auto import tqdm
-
-from bn_jax import checkpoint
 
 
 class TrainState(train_state.TrainState):
@@ -218,234 +215,3 @@ class OneDevice:
 
 
 ONE_DEVICE = OneDevice()
-
-
-# --- The loop -----------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-  """How an epoch is cut into dispatched chunks, and where validation happens."""
-  num_examples: int
-  batch_size: int
-  epochs: int = 5
-  max_steps: int = 0  # a budget in steps instead of epochs (0: epochs * steps_per_epoch)
-  chunk_steps: int = 0  # K, steps per dispatched program (0: as long as the eval interval)
-  evals_per_epoch: int = 1
-  num_devices: int = 1  # several: the last partial batch is dropped (see README)
-
-  def __post_init__(self):
-    if not 0 < self.batch_size <= self.num_examples:
-      raise ValueError(f'batch_size must be in [1, {self.num_examples}] (the training set '
-                       f'size), got {self.batch_size}.')
-    if self.batch_size % self.num_devices:
-      raise ValueError(f'batch_size {self.batch_size} is not divisible by the {self.num_devices} '
-                       'devices: choose a multiple of the device count (or --config.devices).')
-    if self.epochs < 0 or self.max_steps < 0 or self.chunk_steps < 0:
-      raise ValueError('epochs, max_steps and chunk_steps must be >= 0, got '
-                       f'{self.epochs}, {self.max_steps}, {self.chunk_steps}.')
-    if self.evals_per_epoch < 1:
-      raise ValueError(f'evals_per_epoch must be >= 1, got {self.evals_per_epoch}.')
-
-  @property
-  def steps_per_epoch(self):
-    if self.num_devices > 1:  # cross-device BN means are unweighted: keep batches whole
-      return self.num_examples // self.batch_size
-    return math.ceil(self.num_examples / self.batch_size)  # the last batch may be partial
-
-  @property
-  def total_steps(self):
-    return self.max_steps or self.epochs * self.steps_per_epoch
-
-  @property
-  def num_epochs(self):
-    return math.ceil(self.total_steps / self.steps_per_epoch)
-
-  @property
-  def k(self):
-    interval = max(1, self.steps_per_epoch // self.evals_per_epoch)
-    return min(self.chunk_steps or interval, self.steps_per_epoch)
-
-  @property
-  def chunks_per_epoch(self):
-    return math.ceil(self.steps_per_epoch / self.k)
-
-  def evaluates_after(self, chunk):
-    """Validate after this chunk: the last of the epoch, or one crossing an eval point."""
-    s, e, k = self.steps_per_epoch, self.evals_per_epoch, self.k
-    return chunk == self.chunks_per_epoch - 1 or (chunk + 1) * k * e // s > chunk * k * e // s
-
-  @property
-  def examples_per_epoch(self):
-    return min(self.num_examples, self.steps_per_epoch * self.batch_size)
-
-  def examples_after(self, step):
-    """Training examples seen after `step` steps (the last batch of an epoch may be partial)."""
-    epochs, rest = divmod(step, self.steps_per_epoch)
-    return epochs * self.examples_per_epoch + min(rest * self.batch_size,
-                                                  self.examples_per_epoch)
-
-
-@dataclasses.dataclass
-class Programs:
-  """A configuration's initial states (seeds stacked) after compiling its programs."""
-  states: TrainState
-  compile_seconds: float
-
-
-def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000,
-                     runner=ONE_DEVICE):
-  """Initializes the states and compiles the train-chunk and eval programs ahead of time.
-
-  Compiled programs land in jit's cache, so `fit` dispatches them without compiling; a sweep
-  calls this for all its configurations at once from a thread pool.
-  """
-  t0 = time.perf_counter()
-  eval_batch_size = _eval_batch_size(eval_batch_size, runner)
-  keys = _seed_keys(seeds)
-  states = runner.put(jax.device_get(init_states(
-      model, keys[:, 0], learning_rate, (1,) + data.image_shape)))
-  order = runner.abstract(
-      (len(seeds), schedule.chunks_per_epoch * schedule.k, schedule.batch_size), jnp.int32,
-      split_last=True)
-  runner.train_chunks.lower(states, data.arrays, order, runner.put(keys[:, 1]), 0, 0,
-                            schedule.k).compile()
-  rows = runner.abstract(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32,
-                         split_last=True)
-  runner.evaluate.lower(states, data.arrays, rows).compile()
-  return Programs(states, time.perf_counter() - t0)
-
-
-def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
-        chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
-        programs=None, runner=ONE_DEVICE, checkpointer=None):
-  """Trains one configuration for every seed at once; returns (results per seed, states).
-
-  Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
-  batches in train mode, validation loss/accuracy at the epoch's end, seconds), `curve`
-  (validation at every eval point, with steps and examples seen), `final` (last epoch's
-  numbers, test metrics, and eval-mode metrics over the whole training set) and `status`.
-  `runner` (default: one device) decides where the programs run; `parallel.DataParallel`
-  runs them over several devices and hosts. Returned states are host (numpy) arrays.
-  With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
-  every epoch end (and every `every_steps`, at chunk boundaries); it closes it when done.
-  """
-  data = data if isinstance(data, DeviceData) else DeviceData.put(data, runner)
-  sched = Schedule(data.size('train'), batch_size, epochs, max_steps, chunk_steps,
-                   evals_per_epoch, runner.num_devices)
-  eval_batch_size = _eval_batch_size(eval_batch_size, runner)
-  seeds = list(seeds)
-  programs = programs or compile_programs(model, data, sched, seeds=seeds,
-                                          learning_rate=learning_rate,
-                                          eval_batch_size=eval_batch_size, runner=runner)
-  states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
-  evaluate_split = lambda split: means(runner.get(functools.reduce(
-      lambda a, b: jax.tree.map(jnp.add, a, b),
-      [runner.evaluate(states, data.arrays, runner.put(rows, split_last=True))
-       for rows in _eval_blocks(data, split, eval_batch_size)])))
-
-  n = len(seeds)
-  history, curve, diverged_at = [[] for _ in seeds], [[] for _ in seeds], [None] * n
-  zero_sums = runner.put({key: np.zeros(n, np.float32) for key in ('loss', 'correct', 'count')})
-  epoch_sums, step, start_epoch, start_chunk = zero_sums, 0, 0, 0
-  if checkpointer:  # resume from the newest good checkpoint, if any
-    restored = checkpointer.restore(
-        checkpoint.abstract({'states': states, 'epoch_sums': zero_sums}))
-    if restored:
-      arrays, meta = restored
-      states, epoch_sums = arrays['states'], arrays['epoch_sums']
-      step, start_epoch, start_chunk = meta['step'], meta['epoch'], meta['chunk']
-      history, curve, diverged_at = meta['history'], meta['curve'], meta['diverged_at']
-  last_saved = step
-
-  def save(next_epoch, next_chunk):
-    meta = {'step': step, 'epoch': next_epoch, 'chunk': next_chunk, 'history': history,
-            'curve': curve, 'diverged_at': diverged_at}
-    checkpointer.save(step, {'states': states, 'epoch_sums': epoch_sums}, meta)
-    return step
-
-  bar = tqdm(total=sched.total_steps, initial=step, desc=desc, leave=False,
-             disable=not progress or jax.process_index() != 0)
-  try:
-    for epoch in range(start_epoch, sched.num_epochs):
-      if all(diverged_at):
-        break  # every seed diverged: nothing left to learn
-      t_epoch = time.perf_counter()
-      order = np.stack([epoch_order(seed, epoch, num_examples=sched.num_examples,
-                                    batch_size=batch_size,
-                                    num_rows=sched.chunks_per_epoch * sched.k)
-                        for seed in seeds])
-      order = runner.put(order, split_last=True)
-      epoch_start = epoch * sched.steps_per_epoch
-      stop = min(sched.steps_per_epoch, sched.total_steps - epoch_start)  # later rows: skipped
-      first = start_chunk if epoch == start_epoch else 0
-      epoch_sums = epoch_sums if first else zero_sums
-      for c in range(first, sched.chunks_per_epoch):
-        if c * sched.k >= stop:
-          break
-        states, sums = runner.train_chunks(states, data.arrays, order, rngs, c * sched.k, stop,
-                                           sched.k)
-        epoch_sums = jax.tree.map(jnp.add, epoch_sums, sums)
-        done = min((c + 1) * sched.k, stop)
-        bar.update(epoch_start + done - step)
-        step = epoch_start + done
-        # One host sync per chunk: a NaN/inf check on the chunk's loss sums.
-        for s in np.flatnonzero(~np.isfinite(runner.get(sums['loss']))):
-          diverged_at[s] = diverged_at[s] or {'epoch': epoch + 1, 'step': step}
-        if sched.evaluates_after(c) or done == stop:
-          val = evaluate_split('val')
-          for s in range(n):
-            curve[s].append({'step': step, 'examples': sched.examples_after(step),
-                             'val_loss': float(val['loss'][s]),
-                             'val_accuracy': float(val['accuracy'][s])})
-        if done < stop and checkpointer and checkpointer.due(step, last_saved, False):
-          last_saved = save(epoch, c + 1)
-      train = means(runner.get(epoch_sums))
-      seconds = time.perf_counter() - t_epoch
-      for s in range(n):
-        history[s].append({
-            'epoch': epoch + 1, 'train_loss': float(train['loss'][s]),
-            'train_accuracy': float(train['accuracy'][s]),
-            'val_loss': curve[s][-1]['val_loss'], 'val_accuracy': curve[s][-1]['val_accuracy'],
-            'seconds': seconds})
-      bar.set_postfix(val_acc=f'{np.nanmean(val["accuracy"]):.4f}')
-      if checkpointer:
-        last_saved = save(epoch + 1, 0)
-  finally:
-    bar.close()
-    if checkpointer:
-      checkpointer.close()  # pending async saves complete, even on an error
-
-  test, train_eval = evaluate_split('test'), evaluate_split('train')
-  results = []
-  for s, seed in enumerate(seeds):
-    final = {key: history[s][-1][key] for key in ('train_loss', 'train_accuracy', 'val_loss',
-                                                  'val_accuracy')}
-    final.update(test_loss=float(test['loss'][s]), test_accuracy=float(test['accuracy'][s]),
-                 train_eval_loss=float(train_eval['loss'][s]),
-                 train_eval_accuracy=float(train_eval['accuracy'][s]))
-    results.append({'seed': seed, 'history': history[s], 'curve': curve[s], 'final': final,
-                    'status': 'diverged' if diverged_at[s] else 'ok',
-                    'diverged_at': diverged_at[s], 'steps': step,
-                    'steps_per_epoch': sched.steps_per_epoch,
-                    'compile_seconds': programs.compile_seconds})
-  return results, runner.get(states)
-
-
-def _seed_keys(seeds):
-  """Per seed: (init key, dropout key)."""
-  return jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(list(seeds)))
-
-
-def _eval_batch_size(batch_size, runner):
-  """Rounded up to a multiple of the device count: eval batches split evenly too."""
-  return -(-batch_size // runner.num_devices) * runner.num_devices
-
-
-def _eval_blocks(data, split, batch_size):
-  """A split's indices as blocks of R rows (R = the validation set's rows), so one compiled
-  eval program serves every split."""
-  rows_per_block = max(1, math.ceil(data.size('val') / batch_size))
-  rows = math.ceil(data.size(split) / batch_size)
-  blocks = math.ceil(rows / rows_per_block)
-  return index_rows(data.splits[split], batch_size, blocks * rows_per_block).reshape(
-      blocks, rows_per_block, batch_size)

@@ -1,6 +1,5 @@
 """Checkpoints: exact resumption after a fault, fallback from a corrupt checkpoint."""
 
-import functools
 import logging
 import os
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from bn_jax import checkpoint
+from bn_jax import loop
 from bn_jax import models
 from bn_jax import train
 
@@ -30,9 +30,9 @@ def _fit(dataset, directory, runner=train.ONE_DEVICE):
   # 300 examples, batch 32: 10 steps an epoch in chunks of 3 (3, 3, 3, 1); 3 epochs = 30 steps.
   model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
   data = train.DeviceData.put(dataset)
-  sched = train.Schedule(300, 32, epochs=3, chunk_steps=3, evals_per_epoch=2)
-  programs = train.compile_programs(model, data, sched, seeds=[0, 1], learning_rate=1e-3)
-  return train.fit(model, data, seeds=(0, 1), batch_size=32, epochs=3, chunk_steps=3,
+  sched = loop.Schedule(300, 32, epochs=3, chunk_steps=3, evals_per_epoch=2)
+  programs = loop.compile_programs(model, data, sched, seeds=[0, 1], learning_rate=1e-3)
+  return loop.fit(model, data, seeds=(0, 1), batch_size=32, epochs=3, chunk_steps=3,
                    evals_per_epoch=2, progress=False, programs=programs, runner=runner,
                    checkpointer=checkpoint.Checkpointer(directory, keep=3, every_steps=4))
 

@@ -1,6 +1,5 @@
 """Data sources: splits, IDX files (round trip and corruption), TFDS (mocked), generated data."""
 
-import gzip
 import os
 import socket
 import time

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bn_jax import data
+from bn_jax import loop
 from bn_jax import models
 from bn_jax import parallel
 from bn_jax import train
@@ -24,7 +25,7 @@ def dataset():
 
 def _fit(dataset, runner=train.ONE_DEVICE, epochs=2, **model_kwargs):
   model = models.create_model('mlp', hidden=(16,), **{'dropout': 0.0, **model_kwargs})
-  return train.fit(model, dataset, seeds=(0, 1), batch_size=32, epochs=epochs, progress=False,
+  return loop.fit(model, dataset, seeds=(0, 1), batch_size=32, epochs=epochs, progress=False,
                    runner=runner)
 
 
@@ -73,7 +74,7 @@ def test_shard_map_and_pmap_agree_step_for_step(dataset):
   runs = {}
   for kind in parallel.KINDS:
     model = models.create_model('mlp', hidden=(16,), **kwargs)
-    runs[kind] = train.fit(model, dataset, seeds=(0, 1), batch_size=32, epochs=1,
+    runs[kind] = loop.fit(model, dataset, seeds=(0, 1), batch_size=32, epochs=1,
                            chunk_steps=1, evals_per_epoch=10, progress=False,
                            runner=parallel.DataParallel(4, kind))
   (a, sa), (b, sb) = runs['shard_map'], runs['pmap']
@@ -90,8 +91,8 @@ def test_running_averages_are_identical_on_every_device(dataset, bn_axis_name):
   runner = parallel.DataParallel(8)
   model = models.create_model('mlp', hidden=(16,), norm='batch', bn_axis_name=bn_axis_name)
   data_on_devices = train.DeviceData.put(dataset, runner)
-  schedule = train.Schedule(320, 32, epochs=1, num_devices=8)
-  programs = train.compile_programs(model, data_on_devices, schedule, seeds=[0],
+  schedule = loop.Schedule(320, 32, epochs=1, num_devices=8)
+  programs = loop.compile_programs(model, data_on_devices, schedule, seeds=[0],
                                     learning_rate=1e-3, runner=runner)
   order = runner.put(train.epoch_order(0, 0, num_examples=320, batch_size=32,
                                        num_rows=10)[None], split_last=True)
@@ -116,7 +117,7 @@ def test_dropout_differs_per_device(dataset):
 
 def test_bad_device_settings_are_clear_errors(dataset):
   with pytest.raises(ValueError, match='batch_size 36 is not divisible by the 8 devices'):
-    train.fit(models.create_model('mlp', hidden=(8,)), dataset, batch_size=36, epochs=1,
+    loop.fit(models.create_model('mlp', hidden=(8,)), dataset, batch_size=36, epochs=1,
               progress=False, runner=parallel.DataParallel(8))
   with pytest.raises(ValueError, match='devices=9, but JAX sees 8'):
     parallel.DataParallel(9)

@@ -36,7 +36,7 @@ def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
   path.write_text('x')
   with pytest.raises(NotADirectoryError, match='is a file'):
     results.Workdir(str(path), 'e')
-  with pytest.raises(OSError, match="workdir '/proc/bn_jax_test' is not writable"):
+  with pytest.raises(OSError, match="workdir '/proc/bn_jax_test' cannot be created or written"):
     results.Workdir('/proc/bn_jax_test', 'e')  # not writable even for root
 
 
