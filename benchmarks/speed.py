@@ -29,6 +29,7 @@ from bn_jax import data as data_lib
 from bn_jax import experiment
 from bn_jax import loop
 from bn_jax import models
+from bn_jax import results
 from bn_jax import train
 
 BATCH_SIZES = (16, 32, 64, 128, 256)
@@ -165,7 +166,7 @@ def main():
     out['torch_grid'] = torch_grid(dataset, args.epochs)
 
   print(_table(out))
-  experiment.atomic_write(args.out, json.dumps(out, indent=2))
+  results.atomic_write(args.out, json.dumps(out, indent=2))
   print(f'wrote {args.out}')
 
 

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from bn_jax import checkpoint
+from bn_jax import data
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import parallel
@@ -75,6 +76,16 @@ def base_config():
   return c
 
 
+def load_data(config):
+  """Everything a script does before its sweep: compilation cache on, data loaded."""
+  enable_compilation_cache(config)
+  dataset = data.load(config.data, val_fraction=config.val_fraction,
+                      split_seed=config.split_seed, data_dir=config.data_dir or None)
+  if results.is_writer():
+    print(f'{config.data}: {dataset.sizes()}')
+  return dataset
+
+
 def make_model(config, data_parallel=False, **overrides):
   """The model a config describes; `overrides` replace config entries (e.g. norm='none').
 
@@ -112,9 +123,10 @@ def run(config, dataset, *, experiment, programs=None, runner=train.ONE_DEVICE,
   config = resolve(config, **overrides)
   data = (dataset if isinstance(dataset, train.DeviceData) else
           train.DeviceData.put(dataset, runner))
+  model = make_model(config, isinstance(runner, parallel.DataParallel))
   t0 = time.perf_counter()
   results, _ = loop.fit(
-      make_model(config, isinstance(runner, parallel.DataParallel)), data, seeds=range(config.seeds),
+      model, data, seeds=range(config.seeds),
       learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=config.epochs,
       max_steps=config.max_steps, chunk_steps=config.chunk_steps,
       evals_per_epoch=config.evals_per_epoch, eval_batch_size=config.eval_batch_size,

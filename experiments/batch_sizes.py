@@ -17,7 +17,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from bn_jax import data
 from bn_jax import experiment
 from bn_jax import report
 from bn_jax import results
@@ -46,11 +45,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # JAX's INFO lines (e.g. 'no TPU found') are noise here
   config = _CONFIG.value
-  experiment.enable_compilation_cache(config)
-  dataset = data.load(config.data, val_fraction=config.val_fraction,
-                      split_seed=config.split_seed, data_dir=config.data_dir or None)
-  if results.is_writer():
-    print(f'{config.data}: {dataset.sizes()}')
+  dataset = experiment.load_data(config)
 
   grid = [{'norm': norm, 'batch_size': size,
            'learning_rate': experiment.scaled_learning_rate(

@@ -38,8 +38,9 @@ def test_vmapped_seeds_equal_seeds_run_one_at_a_time(small_dataset):
   together, s_together = _fit(small_dataset, seeds=(0, 1, 2), epochs=1)
   for i, seed in enumerate((0, 1, 2)):
     alone, s_alone = _fit(small_dataset, seeds=(seed,), epochs=1)
-    _assert_trees_close(jax.tree.map(lambda x: x[i], s_together.params),  # pylint: disable=cell-var-from-loop
-                        jax.tree.map(lambda x: x[0], s_alone.params), rtol=1e-5, atol=1e-6)
+    pick = lambda tree, j: jax.tree.map(lambda x: x[j], tree)
+    _assert_trees_close(pick(s_together.params, i), pick(s_alone.params, 0), rtol=1e-5,
+                        atol=1e-6)
     assert together[i]['final']['test_accuracy'] == pytest.approx(
         alone[0]['final']['test_accuracy'], abs=1e-6)
   # Different seeds really are different runs.

@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end (tiny settings; their timings are not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_speed_benchmark_writes_every_section(tmp_path):
+  out = tmp_path / 'speed.json'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  run = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'speed.py'),
+                        '--data=synthetic:600', '--epochs=1', '--seed_counts=1,2',
+                        '--skip_torch', f'--out={out}'], capture_output=True, text=True,
+                       timeout=600, env=env, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert {'grid_cold', 'grid_warm', 'seeds', 'matmul_flops', 'throughput'} <= set(result)
+  assert set(result['seeds']['train_seconds']) == {'1', '2'}
+  assert set(result['throughput']) == {'32', '256'}
+  assert 'grid cold' in run.stdout
