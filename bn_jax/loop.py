@@ -141,6 +141,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
                                           learning_rate=learning_rate,
                                           eval_batch_size=eval_batch_size, runner=runner)
   states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
+  # Metrics of the current `states` (read when called) over a whole split.
   evaluate_split = lambda split: means(runner.get(functools.reduce(
       lambda a, b: jax.tree.map(jnp.add, a, b),
       [runner.evaluate(states, data.arrays, runner.put(rows, split_last=True))
