@@ -41,6 +41,7 @@ def base_config():
   c.bn_stats = 'sync'
   c.bn_group_size = 0
   c.hidden = (128,)  # MLP hidden widths
+  c.init_scale = 1.0  # MLP hidden weights at init: this times LeCun-normal
   c.dropout = 0.2
   c.activation = 'relu'
   c.bn_momentum = 0.99  # Keras' default, as in the original study (PyTorch's 0.1 is 0.9 here)
@@ -104,7 +105,7 @@ def make_model(config, data_parallel=False, **overrides):
   if c['norm'] == 'batch' and c['bn_stats'] == 'sync' and data_parallel:
     kwargs['bn_axis_name'] = parallel.AXIS
   if c['model'] == 'mlp':
-    kwargs['hidden'] = tuple(c['hidden'])
+    kwargs.update(hidden=tuple(c['hidden']), init_scale=c['init_scale'])
   return models.create_model(c['model'], **kwargs)
 
 

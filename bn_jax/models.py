@@ -97,15 +97,17 @@ class MLP(nn.Module):
   bn_epsilon: float = 1e-3
   bn_axis_name: Optional[str] = None
   bn_group_size: int = 0  # for norm='ghost'
+  init_scale: float = 1.0  # hidden weights at init: this times LeCun-normal
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
+    init = nn.initializers.variance_scaling(self.init_scale**2, 'fan_in', 'truncated_normal')
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
       # No bias before BN: BN subtracts it again, so its gradient is rounding noise, which
       # Adam would blow up into random steps (the original Keras model had the redundant bias).
-      x = nn.Dense(width, use_bias=self.norm == 'none')(x)
+      x = nn.Dense(width, use_bias=self.norm == 'none', kernel_init=init)(x)
       x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
                self.bn_group_size)(
           x, train=train, mask=mask)

@@ -1,0 +1,89 @@
+"""The claims study's measurements and verdict rule, on hand-made inputs."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bn_jax import claims
+from bn_jax import models
+
+
+def test_effect_interval_in_closed_form():
+  mean, (low, high) = claims.effect([1.0, 2.0, 3.0])
+  half = 4.302652729911275 / math.sqrt(3)  # t(0.975, df=2) * std(=1) / sqrt(3)
+  assert mean == 2.0 and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+  assert claims.effect([1.0, 2.0, 3.0], sign=-1)[0] == -2.0
+
+
+@pytest.mark.parametrize('differences, expected', [
+    ([0.05, 0.06, 0.04, 0.05, 0.055], 'supported'),  # a clear effect in the claimed direction
+    ([0.01, -0.01, 0.02, -0.02, 0.0], 'inconclusive'),  # no effect
+    ([-0.05, -0.06, -0.04, -0.05, -0.055], 'not supported'),  # a reversed effect
+    ([0.05], 'inconclusive'),  # one seed: no interval
+])
+def test_verdict_rule_on_hand_made_records(differences, expected):
+  assert claims.verdict(claims.effect(differences)[1]) == expected
+
+
+def _mlp(**kwargs):
+  model = models.create_model('mlp', hidden=(6,), dropout=0.0, **kwargs)
+  x = jax.random.uniform(jax.random.key(0), (40, 28, 28, 1))
+  y = jax.random.randint(jax.random.key(1), (40,), 0, 10)
+  return model, model.init(jax.random.key(2), x, train=False), x, y
+
+
+def test_shift_by_one_and_zero_reproduces_the_unshifted_accuracy():
+  model, variables, x, y = _mlp(norm='batch')
+  assert claims.accuracy(model, variables, claims.shift(x, 1.0, 0.0), y) == (
+      claims.accuracy(model, variables, x, y))
+  assert claims.accuracy(model, variables, x, y, batch_statistics=8) >= 0.0
+
+
+def test_reestimated_statistics_equal_a_full_pass_by_hand():
+  model, variables, x, _ = _mlp(norm='batch')
+  stats = claims.full_pass_batch_stats(model, variables, x)['Norm_0']['BatchNorm']
+  h = np.asarray(x).reshape(40, -1) @ np.asarray(variables['params']['Dense_0']['kernel'])
+  np.testing.assert_allclose(stats['mean'], h.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], h.var(0), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_gradient_norms_match_a_hand_computation():
+  model, variables, x, y = _mlp(norm='none')
+  p = jax.tree.map(np.asarray, variables['params'])
+  xf = np.asarray(x, np.float64).reshape(40, -1)
+  z1 = xf @ p['Dense_0']['kernel'] + p['Dense_0']['bias']
+  a = np.maximum(z1, 0)
+  z2 = a @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
+  prob = np.exp(z2 - z2.max(1, keepdims=True))
+  prob /= prob.sum(1, keepdims=True)
+  dz2 = (prob - np.eye(10)[np.asarray(y)]) / 40  # mean cross-entropy
+  dw2 = a.T @ dz2
+  dw1 = xf.T @ ((dz2 @ p['Dense_1']['kernel'].T) * (z1 > 0))
+  norms = claims.layer_grad_norms(model.apply, variables, x, y)
+  np.testing.assert_allclose(norms, [np.linalg.norm(dw1), np.linalg.norm(dw2)], rtol=1e-4)
+
+
+def test_claims_script_quick_mode_end_to_end(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, os.path.join(root, 'experiments', 'claims.py'),
+                        f'--workdir={tmp_path}', '--config.quick=true',
+                        '--config.compilation_cache=false'], capture_output=True, text=True,
+                       timeout=600, env=env, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  table = (tmp_path / 'claims.md').read_text()
+  rows = [line for line in table.splitlines() if line.startswith('| ') and 'claim |' not in line]
+  # lr + convergence (3), init (1), depth (2, one activation), regularization (1), shift (2),
+  # overhead (1), batch size (1: not run here), inference (2)
+  assert len(rows) == 13
+  for line in rows:
+    assert any(v in line for v in ('| supported |', '| not supported |', '| inconclusive |',
+                                   '| not run |'))
+  assert 'Verdict rule:' in table
+  for name in ('lr', 'init', 'depth', 'regularization', 'shift', 'overhead', 'inference'):
+    assert (tmp_path / 'claims' / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
