@@ -1,6 +1,7 @@
 """Claims made for BN, measured: effects over seeds with 95% intervals, verdicts by a stated
-rule, and the BN-specific measurements the claims need (gradient norms per layer, shifted
-inputs, statistics re-estimated by a full pass, accuracy with batch statistics)."""
+rule, the BN-specific measurements the claims need (gradient norms per layer, shifted inputs,
+statistics re-estimated by a full pass, accuracy with batch statistics), and `Study`, which
+trains the runs of `experiments/claims.py` (every seed of a configuration in one program)."""
 
 import math
 
@@ -9,6 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from scipy import stats
+
+from bn_jax import experiment
+from bn_jax import loop
+from bn_jax import train
 
 RULE = ('effect = BN minus no BN (per seed, paired), signed so that the claim predicts > 0; '
         'supported if its 95% t-interval over seeds lies above 0, not supported if it lies '
@@ -74,3 +79,32 @@ def accuracy(model, variables, images, labels, batch_statistics=0):
   logits = jax.lax.map(lambda x: plain.apply(variables, x, train=True,
                                              mutable=['batch_stats'])[0], batches)
   return float((logits.reshape(n, -1).argmax(-1) == labels[:n]).mean())
+
+
+class Study:
+  """Trains the runs a claim needs (every seed in one program) and keeps the results."""
+
+  def __init__(self, config, dataset):
+    self.config, self.dataset = config, dataset
+    self.data = train.DeviceData.put(dataset)
+
+  def fit(self, **overrides):
+    c = experiment.resolve(self.config, **overrides)
+    experiment.validate(c, 1, len(self.dataset.train_labels))
+    model = experiment.make_model(c)
+    runs, states = loop.fit(model, self.data, seeds=range(c.seeds),
+                            learning_rate=c.learning_rate, batch_size=c.batch_size,
+                            epochs=c.epochs, max_steps=c.max_steps,
+                            evals_per_epoch=c.evals_per_epoch, progress=False)
+    return model, runs, states
+
+  def final(self, name, **overrides):
+    """Per seed: a final metric (NaN for diverged runs)."""
+    _, runs, _ = self.fit(**overrides)
+    return np.array([r['final'][name] if r['status'] == 'ok' else np.nan for r in runs])
+
+
+def seed_variables(states, s):
+  """Seed `s`'s model variables from states stacked over seeds."""
+  pick = lambda tree: jax.tree.map(lambda x: x[s], tree)
+  return {'params': pick(states.params), 'batch_stats': pick(states.batch_stats)}

@@ -23,7 +23,6 @@ import numpy as np
 
 from bn_jax import claims
 from bn_jax import experiment
-from bn_jax import loop
 from bn_jax import models
 from bn_jax import report
 from bn_jax import results
@@ -64,34 +63,6 @@ def quick(config):
                 target_val_accuracy=0.5, lrs=(1e-3, 1e-1), init_scales=(0.3, 3.0),
                 depths=(2, 3), depth_width=16, activations=('relu',), shift_a=(0.5, 1.0),
                 shift_b=(0.0, 0.2), momenta=(0.9, 0.99), progress=False)
-
-
-class Study:
-  """Trains the runs a claim needs (every seed in one program) and keeps the results."""
-
-  def __init__(self, config, dataset):
-    self.config, self.dataset = config, dataset
-    self.data = train.DeviceData.put(dataset)
-
-  def fit(self, **overrides):
-    c = experiment.resolve(self.config, **overrides)
-    experiment.validate(c, 1, len(self.dataset.train_labels))
-    model = experiment.make_model(c)
-    runs, states = loop.fit(model, self.data, seeds=range(c.seeds),
-                            learning_rate=c.learning_rate, batch_size=c.batch_size,
-                            epochs=c.epochs, max_steps=c.max_steps,
-                            evals_per_epoch=c.evals_per_epoch, progress=False)
-    return model, runs, states
-
-  def final(self, name, **overrides):
-    """Per seed: a final metric (NaN for diverged runs)."""
-    _, runs, _ = self.fit(**overrides)
-    return np.array([r['final'][name] if r['status'] == 'ok' else np.nan for r in runs])
-
-
-def seed_variables(states, s):
-  pick = lambda tree: jax.tree.map(lambda x: x[s], tree)
-  return {'params': pick(states.params), 'batch_stats': pick(states.batch_stats)}
 
 
 def row(claim, experiment_text, values, unit, details=''):
@@ -184,7 +155,7 @@ def claim_depth(study, c, out):
         if depth == deepest:
           inits = [claims.layer_grad_norms(model.apply, model.init(
               jax.random.key(s), batch[0][:1], train=False), *batch) for s in range(c.seeds)]
-          trained = [claims.layer_grad_norms(model.apply, seed_variables(states, s), *batch)
+          trained = [claims.layer_grad_norms(model.apply, claims.seed_variables(states, s), *batch)
                      for s in range(c.seeds)]
           # Vanishing/exploding: decades between the first and the last layer's gradient.
           spread_init[norm] = np.abs(np.log10([g[0] / g[-1] for g in inits]))
@@ -240,9 +211,9 @@ def claim_shift(study, c, out):
       xs = claims.shift(x, a, b)
       for name, norm in (('none', 'none'), ('running', 'batch')):
         model, _, states = trained[norm]
-        acc[name, a, b] = claims.accuracy(model, seed_variables(states, s), xs, y)
+        acc[name, a, b] = claims.accuracy(model, claims.seed_variables(states, s), xs, y)
       model, _, states = trained['batch']
-      variables = seed_variables(states, s)
+      variables = claims.seed_variables(states, s)
       variables['batch_stats'] = claims.full_pass_batch_stats(model, variables, xs)
       acc['re-estimated', a, b] = claims.accuracy(model, variables, xs, y)
     for k in drops:  # mean accuracy lost to the shifts
@@ -337,7 +308,7 @@ def claim_inference(study, c, out):
       model, _, states = study.fit(norm='batch', bn_momentum=m, max_steps=epochs * steps)
       per_seed = []
       for s in range(c.seeds):
-        v = seed_variables(states, s)
+        v = claims.seed_variables(states, s)
         recomputed = {**v, 'batch_stats': claims.full_pass_batch_stats(
             model, v, study.dataset.train_images)}
         per_seed.append((claims.accuracy(model, v, x, y),
@@ -395,19 +366,14 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'unknown claims {sorted(unknown)}: choose from {CLAIMS}.')
   t0 = time.perf_counter()
-  study = Study(config, experiment.load_data(config))
+  study = claims.Study(config, experiment.load_data(config))
   out = os.path.join(FLAGS.workdir, 'claims')
   os.makedirs(out, exist_ok=True)
   rows = []
-  for name in CLAIMS:  # 'convergence' comes with 'lr'
-    if name in selected and name in RUNNERS or (name == 'lr' and 'convergence' in selected):
-      new = RUNNERS[name](study, config, out)
-      if name == 'lr' and 'lr' not in selected:
-        new = new[1:]
-      if name == 'lr' and 'convergence' not in selected:
-        new = new[:1]
-      rows += new
-      print(f'{name}: ' + '; '.join(f'{r["verdict"]}' for r in new), flush=True)
+  for name in dict.fromkeys('lr' if n == 'convergence' else n for n in selected):
+    new = RUNNERS[name](study, config, out)  # 'lr' also measures claim 2, convergence
+    rows += new
+    print(f'{name}: ' + '; '.join(r['verdict'] for r in new), flush=True)
   text = markdown(rows, config, time.perf_counter() - t0)
   results.atomic_write(os.path.join(FLAGS.workdir, 'claims.md'), text)
   print(text)
