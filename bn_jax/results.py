@@ -127,6 +127,3 @@ class Workdir:
 
   def checkpoint_dir(self, key):
     return os.path.join(self.path, 'checkpoints', key)
-
-  def file(self, name):
-    return os.path.join(self.path, name)
