@@ -4,6 +4,7 @@ statistics re-estimated by a full pass, accuracy with batch statistics), and `St
 trains the runs of `experiments/claims.py` (every seed of a configuration in one program)."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from scipy import stats
 
 from bn_jax import experiment
 from bn_jax import loop
+from bn_jax import results
 from bn_jax import train
 
 RULE = ('effect = BN minus no BN (per seed, paired), signed so that the claim predicts > 0; '
@@ -41,8 +43,8 @@ def verdict(interval):
 
 
 def layer_grad_norms(apply_fn, variables, images, labels):
-  """L2 norm of the loss gradient of each Dense kernel, input layer first (eval-free: BN in
-  train mode, no dropout rng needed when dropout is 0)."""
+  """L2 norm of the loss gradient of each Conv / Dense kernel, input layer first (BN in train
+  mode; no dropout rng is needed when dropout is 0)."""
 
   def loss(params):
     logits, _ = apply_fn({**variables, 'params': params}, images, train=True,
@@ -50,8 +52,9 @@ def layer_grad_norms(apply_fn, variables, images, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   grads = jax.grad(loss)(variables['params'])
-  names = sorted((k for k in grads if k.startswith('Dense_')), key=lambda k: int(k[6:]))
-  return [float(jnp.linalg.norm(grads[k]['kernel'])) for k in names]
+  layers = [re.fullmatch(r'(Conv|Dense)_(\d+)', name) for name in grads]
+  order = sorted((m[1] == 'Dense', int(m[2]), m[0]) for m in layers if m)  # convs come first
+  return [float(jnp.linalg.norm(grads[name]['kernel'])) for _, _, name in order]
 
 
 def shift(images, a, b):
@@ -67,12 +70,14 @@ def full_pass_batch_stats(model, variables, images):
   return updates['batch_stats']
 
 
-def accuracy(model, variables, images, labels, batch_statistics=0):
-  """Accuracy in eval mode (running averages) or, with `batch_statistics=B`, normalizing each
-  batch of B examples by its own statistics (train-mode BN, dropout off)."""
+def accuracy(model, variables, images, labels, batch_statistics=0, chunk=2500):
+  """Accuracy in eval mode (running averages, `chunk` examples at a time) or, with
+  `batch_statistics=B`, normalizing each batch of B examples by its own statistics (train-mode
+  BN, dropout off)."""
   if not batch_statistics:
-    logits = model.apply(variables, images, train=False)
-    return float((logits.argmax(-1) == labels).mean())
+    predicted = np.concatenate([model.apply(variables, images[i:i + chunk], train=False)
+                                .argmax(-1) for i in range(0, len(labels), chunk)])
+    return float((predicted == np.asarray(labels)).mean())
   n = len(labels) // batch_statistics * batch_statistics
   plain = model.clone(dropout=0.0)
   batches = images[:n].reshape((-1, batch_statistics) + images.shape[1:])
@@ -87,16 +92,20 @@ class Study:
   def __init__(self, config, dataset):
     self.config, self.dataset = config, dataset
     self.data = train.DeviceData.put(dataset)
+    self.trained = {}  # run key -> (model, runs, states): claims share their runs
 
   def fit(self, **overrides):
     c = experiment.resolve(self.config, **overrides)
-    experiment.validate(c, 1, len(self.dataset.train_labels))
-    model = experiment.make_model(c)
-    runs, states = loop.fit(model, self.data, seeds=range(c.seeds),
-                            learning_rate=c.learning_rate, batch_size=c.batch_size,
-                            epochs=c.epochs, max_steps=c.max_steps,
-                            evals_per_epoch=c.evals_per_epoch, progress=False)
-    return model, runs, states
+    key = results.run_key(c)
+    if key not in self.trained:
+      experiment.validate(c, 1, len(self.dataset.train_labels))
+      model = experiment.make_model(c)
+      runs, states = loop.fit(model, self.data, seeds=range(c.seeds),
+                              learning_rate=c.learning_rate, batch_size=c.batch_size,
+                              epochs=c.epochs, max_steps=c.max_steps,
+                              evals_per_epoch=c.evals_per_epoch, progress=False)
+      self.trained[key] = model, runs, states
+    return self.trained[key]
 
   def final(self, name, **overrides):
     """Per seed: a final metric (NaN for diverged runs)."""

@@ -46,8 +46,13 @@ class Dataset:
             'test': len(self.test_labels)}
 
 
-def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, seed=0):
-  """Loads a data spec (`tfds:NAME`, `idx:DIR` or `synthetic`) into a `Dataset`."""
+def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, seed=0,
+         train_examples=0):
+  """Loads a data spec (`tfds:NAME`, `idx:DIR` or `synthetic`) into a `Dataset`.
+
+  `train_examples` > 0 keeps that many training examples (the first of the shuffled training
+  part: a random subset, the same for every run); validation and test stay whole.
+  """
   if not isinstance(spec, str):
     raise ValueError(f'data spec must be a string, got {spec!r}')
   if spec.startswith('tfds:'):
@@ -65,6 +70,12 @@ def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, s
     _check_arrays(f'{spec} {split}', x, y)
   (x_train, y_train), (x_val, y_val) = split_validation(
       x_train, y_train, val_fraction=val_fraction, seed=split_seed)
+  if train_examples:
+    if not 0 < train_examples <= len(y_train):
+      raise ValueError(f'train_examples must be in [1, {len(y_train)}] (the training examples '
+                       f'of {spec} after the validation split), got {train_examples}; 0 keeps '
+                       'them all.')
+    x_train, y_train = x_train[:train_examples], y_train[:train_examples]
   return Dataset(spec, _to_float(x_train), y_train.astype(np.int32), _to_float(x_val),
                  y_val.astype(np.int32), _to_float(x_test), y_test.astype(np.int32))
 

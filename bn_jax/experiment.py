@@ -33,6 +33,7 @@ def base_config():
   c.data_dir = ''  # TFDS data directory ('' = TFDS's default)
   c.val_fraction = 0.1
   c.split_seed = 42  # the validation split is the same for every run
+  c.train_examples = 0  # > 0: train on this many examples (a fixed random subset); 0: all
   c.model = 'mlp'  # mlp | cnn
   c.norm = 'batch'  # none | batch
   # Where BN's training statistics come from: 'sync' = the whole (global) batch; 'local' = each
@@ -41,7 +42,8 @@ def base_config():
   c.bn_stats = 'sync'
   c.bn_group_size = 0
   c.hidden = (128,)  # MLP hidden widths
-  c.init_scale = 1.0  # MLP hidden weights at init: this times LeCun-normal
+  c.features = (32, 64)  # CNN: channels of each 3x3 conv block (the first two max-pool)
+  c.init_scale = 1.0  # hidden (and conv) weights at init: this times LeCun-normal
   c.dropout = 0.2
   c.activation = 'relu'
   c.bn_momentum = 0.99  # Keras' default, as in the original study (PyTorch's 0.1 is 0.9 here)
@@ -81,7 +83,8 @@ def load_data(config):
   """Everything a script does before its sweep: compilation cache on, data loaded."""
   enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
-                      split_seed=config.split_seed, data_dir=config.data_dir or None)
+                      split_seed=config.split_seed, data_dir=config.data_dir or None,
+                      train_examples=config.train_examples)
   if results.is_writer():
     print(f'{config.data}: {dataset.sizes()}')
   return dataset
@@ -104,8 +107,11 @@ def make_model(config, data_parallel=False, **overrides):
     kwargs['norm'] = 'ghost'
   if c['norm'] == 'batch' and c['bn_stats'] == 'sync' and data_parallel:
     kwargs['bn_axis_name'] = parallel.AXIS
+  kwargs['init_scale'] = c['init_scale']
   if c['model'] == 'mlp':
-    kwargs.update(hidden=tuple(c['hidden']), init_scale=c['init_scale'])
+    kwargs['hidden'] = tuple(c['hidden'])
+  else:
+    kwargs['features'] = tuple(c['features'])
   return models.create_model(c['model'], **kwargs)
 
 

@@ -6,6 +6,10 @@ BatchNorm keeps its running mean and variance in the mutable `batch_stats` colle
 padding never enters the batch statistics. `ghost` normalizes each group of `group_size`
 consecutive examples by the group's own statistics (ghost / virtual BN, Hoffer et al. 2017),
 which separates the BN statistics batch from the optimization batch.
+
+The CNN's 3x3 convolutions are `nn.Conv` layers computed as patches x kernel matmuls on CPU
+(`patch_conv`): XLA's CPU convolutions are ~13x slower inside a loop body (the `lax.scan` of
+`train_chunk`; jax-ml/jax#12868) because their gradients stay in non-canonical layouts there.
 """
 
 from typing import Optional, Sequence
@@ -13,6 +17,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 NORMS = ('none', 'batch', 'ghost')
 ACTIVATIONS = {'relu': nn.relu, 'sigmoid': nn.sigmoid, 'tanh': nn.tanh, 'gelu': nn.gelu}
@@ -116,9 +121,47 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for what `nn.Conv` passes (NHWC inputs, HWIO kernel), as one
+  matmul of the kernel with the stacked shifted copies of the input (im2col). Its gradients
+  are matmuls and pads, fast on CPU also inside `lax.scan`; strided, dilated or grouped
+  convolutions fall back to `lax.conv_general_dilated`."""
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and set(window_strides) == {1} and
+           all(d is None or set(d) == {1} for d in (lhs_dilation, rhs_dilation)))
+  if not plain:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision)
+  kh, kw, cin, cout = rhs.shape
+  if padding == 'SAME':
+    padding = [((k - 1) // 2, k // 2) for k in (kh, kw)]
+  elif padding == 'VALID':
+    padding = [(0, 0), (0, 0)]
+  x = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
+  height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  patches = jnp.concatenate([x[:, i:i + height, j:j + width] for i in range(kh)
+                             for j in range(kw)], axis=-1)  # (B, H, W, kh*kw*cin)
+  # A 2-D matmul: a 4-D dot_general's kernel gradient was ~40% slower inside lax.scan on CPU.
+  out = jnp.dot(patches.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
+                precision=precision)
+  return out.reshape(patches.shape[:3] + (cout,))
+
+
+def max_pool_2x2(x):
+  """2x2 max-pool, stride 2 (a reshape and a max: its gradient is cheaper on CPU than
+  `nn.max_pool`'s select-and-scatter)."""
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class CNN(nn.Module):
-  """Two blocks of Conv(3x3) -> norm -> activation -> max-pool, then Dense -> Dropout -> Dense."""
+  """Conv(3x3) -> norm -> activation per entry of `features`, the first `pools` blocks ending in
+  a 2x2 max-pool; then Dense -> activation -> Dropout -> Dense. The default is two blocks."""
   features: Sequence[int] = (32, 64)
+  pools: int = 2
   dense: int = 128
   num_classes: int = 10
   norm: str = 'batch'
@@ -128,18 +171,24 @@ class CNN(nn.Module):
   bn_epsilon: float = 1e-3
   bn_axis_name: Optional[str] = None
   bn_group_size: int = 0  # for norm='ghost'
+  init_scale: float = 1.0  # conv and hidden Dense weights at init: this times LeCun-normal
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
-    for width in self.features:
-      x = nn.Conv(width, (3, 3), use_bias=self.norm == 'none')(x)
+    init = nn.initializers.variance_scaling(self.init_scale**2, 'fan_in', 'truncated_normal')
+    conv = patch_conv if jax.default_backend() == 'cpu' else None  # None: lax's convolution
+    for i, width in enumerate(self.features):
+      x = nn.Conv(width, (3, 3), use_bias=self.norm == 'none', kernel_init=init,
+                  conv_general_dilated=conv)(x)
       x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
                self.bn_group_size)(
           x, train=train, mask=mask)  # BN on conv maps: statistics per channel
-      x = nn.max_pool(act(x), (2, 2), strides=(2, 2))
+      x = act(x)
+      if i < self.pools:
+        x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
-    x = act(nn.Dense(self.dense)(x))
+    x = act(nn.Dense(self.dense, kernel_init=init)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from bn_jax import claims
 from bn_jax import experiment
-from bn_jax import models
 from bn_jax import report
 from bn_jax import results
 from bn_jax import train
@@ -43,7 +42,7 @@ def get_config():
   config.lrs = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
   config.init_scales = (0.1, 0.3, 1.0, 3.0, 10.0)
   config.depths = (2, 5, 10, 20)
-  config.depth_width = 64
+  config.depth_width = 64  # hidden units of the deep MLPs; channels of the deep CNNs
   config.activations = ('relu', 'sigmoid')
   config.shift_a = (0.5, 1.0, 1.5)  # contrast
   config.shift_b = (-0.2, 0.0, 0.2)  # brightness
@@ -140,7 +139,8 @@ def claim_init(study, c, out):
 
 
 def claim_depth(study, c, out):
-  """4: deep MLPs: gradient norms per layer at init and after training; final accuracy."""
+  """4: deep MLPs (or CNNs: 3x3 conv blocks, the first two max-pooling): gradient norms per
+  layer at init and after training; final accuracy."""
   rows, deepest = [], max(c.depths)
   batch = (study.dataset.train_images[:256], study.dataset.train_labels[:256])
   fig, axes = plt.subplots(1, len(c.activations), figsize=(6 * len(c.activations), 4),
@@ -149,8 +149,8 @@ def claim_depth(study, c, out):
     acc, spread_init = {}, {}
     for norm in ('batch', 'none'):
       for depth in c.depths:
-        model, runs, states = study.fit(norm=norm, activation=act, dropout=0.0,
-                                        hidden=(c.depth_width,) * depth)
+        layers = {'hidden' if c.model == 'mlp' else 'features': (c.depth_width,) * depth}
+        model, runs, states = study.fit(norm=norm, activation=act, dropout=0.0, **layers)
         acc[norm, depth] = np.array([r['final']['val_accuracy'] for r in runs])
         if depth == deepest:
           inits = [claims.layer_grad_norms(model.apply, model.init(
@@ -165,7 +165,7 @@ def claim_depth(study, c, out):
     ax.set_xlabel('layer (input first)')
     ax.legend(fontsize=8)
     rows.append(row(f'BN helps deep nets train ({act})',
-                    f'final val acc at depth {deepest} (width {c.depth_width})',
+                    f'final val acc at depth {deepest} ({c.model}, width {c.depth_width})',
                     acc['batch', deepest] - acc['none', deepest], 'accuracy',
                     'val acc by depth, BN / none: ' + ', '.join(
                         f'{d}: {acc["batch", d].mean():.3f}/{acc["none", d].mean():.3f}'
@@ -239,7 +239,7 @@ def claim_overhead(study, c, out, repeats=5, steps=200):
   """7: time per train step and per eval step, and memory of params + state, in one run."""
   times = {}
   for norm in ('batch', 'none'):
-    model = models.create_model('mlp', norm=norm)
+    model = experiment.make_model(c, norm=norm)
     states = train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3,
                                (1,) + study.data.image_shape)
     order = np.stack([train.epoch_order(0, 0, num_examples=study.data.size('train'),
@@ -309,11 +309,13 @@ def claim_inference(study, c, out):
       per_seed = []
       for s in range(c.seeds):
         v = claims.seed_variables(states, s)
-        recomputed = {**v, 'batch_stats': claims.full_pass_batch_stats(
-            model, v, study.dataset.train_images)}
+        recomputed = np.nan  # after the last epoch only
+        if epochs == c.epochs:
+          recomputed = claims.accuracy(model, {**v, 'batch_stats': claims.full_pass_batch_stats(
+              model, v, study.dataset.train_images)}, x, y)
         per_seed.append((claims.accuracy(model, v, x, y),
                          claims.accuracy(model, v, x, y, batch_statistics=c.batch_size),
-                         claims.accuracy(model, recomputed, x, y)))
+                         recomputed))
       curves[m, epochs] = np.array(per_seed)  # (seeds, [running, batch stats, recomputed])
   worst = max(c.momenta)
   plot(os.path.join(out, 'inference.png'), lambda ax: [ax.plot(
@@ -349,9 +351,13 @@ def markdown(rows, config, seconds):
     low, high = r['interval']
     lines.append(f'| {r["claim"]} | {r["experiment"]} | {r["mean"]:.4g} [{low:.4g}, '
                  f'{high:.4g}] {r["unit"]} | {r["verdict"]} | {r["details"]} |')
-  lines += ['', 'The MLP has one hidden layer: a weak test of claims about depth and '
-            'optimization, which is why claim 4 uses deeper MLPs. Wall time: '
-            f'{seconds:.0f} s.', '']
+  shape = ({'mlp': f'The MLP has hidden layers {tuple(config.hidden)}: one layer is a weak '
+            'test of claims about depth and optimization, which is why claim 4 uses deeper '
+            'MLPs.', 'cnn': f'The CNN has 3x3 conv blocks of {tuple(config.features)} channels; '
+            'claim 4 stacks more of them.'}[config.model])
+  if config.train_examples:
+    shape += f' Trained on a subset of {config.train_examples} training examples.'
+  lines += ['', f'{shape} Wall time: {seconds:.0f} s.', '']
   return '\n'.join(lines)
 
 
@@ -374,8 +380,8 @@ def main(argv):
     new = RUNNERS[name](study, config, out)  # 'lr' also measures claim 2, convergence
     rows += new
     print(f'{name}: ' + '; '.join(r['verdict'] for r in new), flush=True)
-  text = markdown(rows, config, time.perf_counter() - t0)
-  results.atomic_write(os.path.join(FLAGS.workdir, 'claims.md'), text)
+    text = markdown(rows, config, time.perf_counter() - t0)  # rewritten after every claim
+    results.atomic_write(os.path.join(FLAGS.workdir, 'claims.md'), text)
   print(text)
 
 

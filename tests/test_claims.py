@@ -6,10 +6,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bn_jax import claims
+from bn_jax import experiment
 from bn_jax import models
 
 
@@ -68,13 +71,55 @@ def test_layer_gradient_norms_match_a_hand_computation():
   np.testing.assert_allclose(norms, [np.linalg.norm(dw1), np.linalg.norm(dw2)], rtol=1e-4)
 
 
-def test_claims_script_quick_mode_end_to_end(tmp_path):
+def test_layer_gradient_norms_of_a_cnn_run_from_input_to_output():
+  # 11 conv layers: Conv_10 must follow Conv_9 (numeric, not text order), then the Dense ones.
+  model = models.create_model('cnn', norm='batch', features=(2,) * 11, dense=4, dropout=0.0)
+  x = jax.random.uniform(jax.random.key(0), (6, 28, 28, 1))
+  y = jnp.arange(6) % 10
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  grads = jax.grad(loss)(variables['params'])
+  names = [f'Conv_{i}' for i in range(11)] + ['Dense_0', 'Dense_1']
+  expected = [np.linalg.norm(grads[n]['kernel']) for n in names]
+  np.testing.assert_allclose(claims.layer_grad_norms(model.apply, variables, x, y), expected,
+                             rtol=1e-6)
+
+
+def test_study_trains_each_configuration_once():
+  config = experiment.base_config()
+  config.update(data='synthetic:200', seeds=2, epochs=1, progress=False,
+                compilation_cache=False)
+  study = claims.Study(config, experiment.load_data(config))
+  first = study.fit(norm='none', learning_rate=1e-3)
+  assert study.fit(norm='none') is first  # learning_rate=1e-3 is the default: the same run
+  assert study.fit(norm='batch') is not first
+  assert len(study.trained) == 2
+
+
+def test_claims_script_cnn_depth_quick(tmp_path):
+  out = _run_script(tmp_path, '--config.model=cnn', '--config.claims=depth')
+  assert out.returncode == 0, out.stderr[-3000:]
+  table = (tmp_path / 'claims.md').read_text()
+  assert 'final val acc at depth 3 (cnn, width 16)' in table
+  assert (tmp_path / 'claims' / 'depth.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def _run_script(workdir, *flags):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, os.path.join(root, 'experiments', 'claims.py'),
-                        f'--workdir={tmp_path}', '--config.quick=true',
-                        '--config.compilation_cache=false'], capture_output=True, text=True,
-                       timeout=600, env=env, check=False)
+  return subprocess.run([sys.executable, os.path.join(root, 'experiments', 'claims.py'),
+                         f'--workdir={workdir}', '--config.quick=true',
+                         '--config.compilation_cache=false', *flags], capture_output=True,
+                        text=True, timeout=600, env=env, check=False)
+
+
+def test_claims_script_quick_mode_end_to_end(tmp_path):
+  out = _run_script(tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   table = (tmp_path / 'claims.md').read_text()
   rows = [line for line in table.splitlines() if line.startswith('| ') and 'claim |' not in line]

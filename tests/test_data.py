@@ -49,6 +49,17 @@ def test_split_is_ten_percent_and_deterministic():
   np.testing.assert_allclose(total(a), total(c))
 
 
+def test_train_examples_keeps_a_subset_of_the_training_part_only():
+  whole = data.load('synthetic:1000')
+  part = data.load('synthetic:1000', train_examples=300)
+  assert part.sizes() == {'train': 300, 'val': 100, 'test': 250}
+  np.testing.assert_array_equal(part.train_images, whole.train_images[:300])
+  np.testing.assert_array_equal(part.val_images, whole.val_images)  # the same validation split
+  for bad in (-1, 901):
+    with pytest.raises(ValueError, match=r'train_examples must be in \[1, 900\]'):
+      data.load('synthetic:1000', train_examples=bad)
+
+
 def test_synthetic_is_deterministic_by_seed_and_in_range():
   a, b, c = (data.synthetic(num_train=50, num_test=10, seed=s) for s in (0, 0, 1))
   np.testing.assert_array_equal(a[0][0], b[0][0])

@@ -137,6 +137,15 @@ def test_bn_stats_pick_the_statistics_group(bn_stats, data_parallel, norm, axis_
     experiment.make_model(experiment.resolve(config, bn_stats='global'))
 
 
+def test_config_sets_the_layers_of_either_model():
+  config = experiment.resolve(experiment.base_config(), hidden=(7, 5), features=(3, 4, 6),
+                              init_scale=2.0)
+  mlp = experiment.make_model(config)
+  assert (mlp.hidden, mlp.init_scale) == ((7, 5), 2.0)
+  cnn = experiment.make_model(config, model='cnn')
+  assert (cnn.features, cnn.init_scale) == ((3, 4, 6), 2.0)
+
+
 def test_script_on_simulated_devices_with_pmap_and_ghost_bn(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py'),
          f'--workdir={tmp_path}', '--config.data=synthetic:600', '--config.seeds=1',

@@ -114,6 +114,62 @@ def test_cnn_has_bn_per_conv_channel_and_runs():
   assert 'batch_stats' not in no_bn
 
 
+def test_patch_conv_of_ones_counts_the_pixels_under_the_kernel():
+  # A 3x3 all-ones kernel over an all-ones image, SAME padding: 9 inside, 6 on edges, 4 at
+  # corners; VALID: 9 everywhere, 2 pixels smaller.
+  x, w = jnp.ones((1, 5, 4, 1)), jnp.ones((3, 3, 1, 1))
+  expected = np.full((5, 4), 9.0)
+  expected[[0, -1], :] = 6
+  expected[:, [0, -1]] = 6
+  expected[[0, 0, -1, -1], [0, -1, 0, -1]] = 4
+  same = models.patch_conv(x, w, (1, 1), 'SAME')
+  np.testing.assert_array_equal(same[0, :, :, 0], expected)
+  np.testing.assert_array_equal(models.patch_conv(x, w, (1, 1), 'VALID'), np.full((1, 3, 2, 1), 9))
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', [(2, 0), (1, 1)]])
+def test_patch_conv_and_its_gradients_equal_lax_convolution(padding):
+  x = jax.random.normal(jax.random.key(0), (3, 9, 8, 5))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 5, 7))
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  reference = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+                                                        dimension_numbers=dims)
+  ours = lambda x, w: models.patch_conv(x, w, (1, 1), padding, dimension_numbers=dims)
+  np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(reference), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_conv_falls_back_for_strided_convolutions():
+  x, w = jnp.arange(16.0).reshape(1, 4, 4, 1), jnp.ones((1, 1, 1, 1))
+  out = models.patch_conv(x, w, (2, 2), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_array_equal(out[0, :, :, 0], [[0, 2], [8, 10]])
+
+
+def test_max_pool_2x2_takes_the_max_of_each_block():
+  x = jnp.array([[1, 5, 2, 0], [3, 4, 7, 1], [0, 0, -1, -2], [9, 0, -3, -4]], jnp.float32)
+  out = models.max_pool_2x2(x[None, :, :, None])
+  np.testing.assert_array_equal(out[0, :, :, 0], [[5, 7], [9, -1]])
+  odd = jnp.ones((1, 5, 5, 1))  # odd sizes: nn.max_pool's VALID pooling
+  assert models.max_pool_2x2(odd).shape == (1, 2, 2, 1)
+
+
+def test_cnn_depth_pools_and_init_scale():
+  model = models.create_model('cnn', norm='batch', features=(8,) * 5, dense=16)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)
+  params = variables['params']
+  assert [params[f'Conv_{i}']['kernel'].shape for i in range(5)] == [
+      (3, 3, 1, 8)] + [(3, 3, 8, 8)] * 4
+  assert params['Dense_0']['kernel'].shape == (7 * 7 * 8, 16)  # two 2x2 pools: 28 -> 7
+  assert len(variables['batch_stats']) == 5
+  scaled = models.create_model('cnn', norm='batch', features=(8,) * 5, dense=16, init_scale=3.0)
+  big = scaled.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)['params']
+  for name in ('Conv_3', 'Dense_0'):  # the same draw, times the scale
+    np.testing.assert_allclose(big[name]['kernel'], 3 * params[name]['kernel'], rtol=1e-6)
+  np.testing.assert_array_equal(big['Dense_1']['kernel'], params['Dense_1']['kernel'])
+
+
 def test_bad_names_are_clear_errors():
   with pytest.raises(ValueError, match="unknown model 'resnet'"):
     models.create_model('resnet')
