@@ -4,7 +4,9 @@ r"""Speed of bn_jax on whatever backend JAX has, in one process:
       cold (empty compilation cache) and warm, split into compile and train time;
   (b) one configuration with 1, 8 and 64 seeds trained together;
   (c) train-step throughput at batch 32 and 256 against the measured float32 matmul rate;
-  (d) the same grid in plain PyTorch (eager; only if torch is installed).
+  (d) the same grid in plain PyTorch (eager; only if torch is installed);
+  (e) the BN-CNN's scanned train step at batch 32 with its convolutions as patch matmuls and as
+      XLA convolutions, and PyTorch's eager CNN step.
 
   python benchmarks/speed.py --data=idx:/usr/share/datasets/fashion-mnist --out=speed.json
 
@@ -90,6 +92,55 @@ def step_throughput(dataset, batch_size, steps=400):
   return steps * batch_size / (time.perf_counter() - t0)
 
 
+def cnn_step_ms(dataset, conv, batch_size=32, steps=50):
+  """Milliseconds per scanned train step of the BN-CNN (1 seed), with `conv` = patches | xla."""
+  data = train.DeviceData.put(dataset)
+  model = models.create_model('cnn', norm='batch', conv=conv)
+  states = train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3,
+                             (1, 28, 28, 1))
+  rngs = jax.random.split(jax.random.key(1), 1)
+  order = jax.device_put(np.stack([train.epoch_order(
+      0, 0, num_examples=data.size('train'), batch_size=batch_size,
+      num_rows=max(steps, data.size('train') // batch_size + 1))]))
+  run = lambda s: train.train_chunks(s, data.arrays, order, rngs, 0, steps, steps)
+  states, sums = run(states)
+  jax.block_until_ready(sums)
+  t0 = time.perf_counter()
+  states, sums = run(states)
+  jax.block_until_ready(sums)
+  return (time.perf_counter() - t0) / steps * 1e3
+
+
+def torch_cnn_step_ms(batch_size=32, steps=50):
+  """Milliseconds per eager PyTorch train step of the same BN-CNN (None without torch)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  nn = torch.nn
+  net = nn.Sequential(
+      nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32, 1e-3, 0.01), nn.ReLU(),
+      nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1, bias=False),
+      nn.BatchNorm2d(64, 1e-3, 0.01), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+      nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10)).to(device)
+  opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+  x = torch.rand(batch_size, 1, 28, 28, device=device)
+  y = torch.randint(0, 10, (batch_size,), device=device)
+  for i in range(steps + 5):
+    if i == 5:  # warmed up
+      if device == 'cuda':
+        torch.cuda.synchronize()
+      t0 = time.perf_counter()
+    loss = nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+  if device == 'cuda':
+    torch.cuda.synchronize()
+  return (time.perf_counter() - t0) / steps * 1e3
+
+
 def torch_grid(dataset, epochs):
   """The grid in plain PyTorch, eager: the seed MLP, data on the device, index batches."""
   try:
@@ -162,8 +213,10 @@ def main():
     out['throughput'][b] = {'examples_per_s': eps, 'roofline_examples_per_s':
                             rate / FLOPS_PER_EXAMPLE, 'fraction_of_roofline':
                             eps * FLOPS_PER_EXAMPLE / rate}
+  out['cnn_step_ms'] = {conv: cnn_step_ms(dataset, conv) for conv in ('patches', 'xla')}
   if not args.skip_torch:
     out['torch_grid'] = torch_grid(dataset, args.epochs)
+    out['cnn_step_ms']['torch'] = torch_cnn_step_ms()
 
   print(_table(out))
   results.atomic_write(args.out, json.dumps(out, indent=2))
@@ -191,6 +244,10 @@ def _table(out):
     rows.append((f'train step, batch {b}', f"{t['examples_per_s']:,.0f} ex/s = "
                  f"{t['fraction_of_roofline']:.2f} of roofline "
                  f"({t['roofline_examples_per_s']:,.0f} ex/s)"))
+  cnn = out['cnn_step_ms']
+  rows.append(('BN-CNN train step, batch 32', ', '.join(
+      f'{name}: {ms:.1f} ms' for name, ms in cnn.items() if ms is not None) +
+               f" (xla / patches = {cnn['xla'] / cnn['patches']:.1f}x)"))
   torch_result = out.get('torch_grid')
   if torch_result:
     rows.append((f"PyTorch {torch_result['torch']} eager grid ({torch_result['device']})",

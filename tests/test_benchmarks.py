@@ -17,7 +17,9 @@ def test_speed_benchmark_writes_every_section(tmp_path):
                        timeout=600, env=env, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(out.read_text())
-  assert {'grid_cold', 'grid_warm', 'seeds', 'matmul_flops', 'throughput'} <= set(result)
+  assert {'grid_cold', 'grid_warm', 'seeds', 'matmul_flops', 'throughput',
+          'cnn_step_ms'} <= set(result)
+  assert set(result['cnn_step_ms']) == {'patches', 'xla'}
   assert set(result['seeds']['train_seconds']) == {'1', '2'}
   assert set(result['throughput']) == {'32', '256'}
   assert 'grid cold' in run.stdout

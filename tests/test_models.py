@@ -147,6 +147,18 @@ def test_patch_conv_falls_back_for_strided_convolutions():
   np.testing.assert_array_equal(out[0, :, :, 0], [[0, 2], [8, 10]])
 
 
+def test_cnn_with_patch_convolutions_equals_xla_convolutions():
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  patches = models.create_model('cnn', norm='batch', conv='patches', dropout=0.0)
+  variables = patches.init(jax.random.key(1), x, train=False)
+  xla = models.create_model('cnn', norm='batch', conv='xla', dropout=0.0)
+  for train in (True, False):
+    run = lambda m: m.apply(variables, x, train=train, mutable=['batch_stats'])[0]
+    np.testing.assert_allclose(run(patches), run(xla), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown conv 'fft'"):
+    models.create_model('cnn', conv='fft').init(jax.random.key(1), x, train=False)
+
+
 def test_max_pool_2x2_takes_the_max_of_each_block():
   x = jnp.array([[1, 5, 2, 0], [3, 4, 7, 1], [0, 0, -1, -2], [9, 0, -3, -4]], jnp.float32)
   out = models.max_pool_2x2(x[None, :, :, None])
