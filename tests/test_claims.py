@@ -45,6 +45,9 @@ def test_shift_by_one_and_zero_reproduces_the_unshifted_accuracy():
   assert claims.accuracy(model, variables, claims.shift(x, 1.0, 0.0), y) == (
       claims.accuracy(model, variables, x, y))
   assert claims.accuracy(model, variables, x, y, batch_statistics=8) >= 0.0
+  # In chunks (7 does not divide the 40 examples) it counts every example once.
+  direct = np.mean(np.asarray(model.apply(variables, x, train=False)).argmax(-1) == np.asarray(y))
+  assert claims.accuracy(model, variables, x, y, chunk=7) == pytest.approx(direct, abs=1e-12)
 
 
 def test_reestimated_statistics_equal_a_full_pass_by_hand():
