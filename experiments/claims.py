@@ -369,8 +369,9 @@ def main(argv):
     quick(config)
   selected = [name.strip() for name in config.claims.split(',') if name.strip()]
   unknown = set(selected) - set(CLAIMS)
-  if unknown:
-    raise app.UsageError(f'unknown claims {sorted(unknown)}: choose from {CLAIMS}.')
+  if unknown or not selected:
+    raise app.UsageError(f'unknown claims {sorted(unknown)}: choose from {CLAIMS}.' if unknown
+                         else f'no claims selected: --config.claims=NAME,... from {CLAIMS}.')
   t0 = time.perf_counter()
   study = claims.Study(config, experiment.load_data(config))
   out = os.path.join(FLAGS.workdir, 'claims')
