@@ -3,6 +3,7 @@ rule, the BN-specific measurements the claims need (gradient norms per layer, sh
 statistics re-estimated by a full pass, accuracy with batch statistics), and `Study`, which
 trains the runs of `experiments/claims.py` (every seed of a configuration in one program)."""
 
+import functools
 import math
 import re
 
@@ -62,6 +63,7 @@ def shift(images, a, b):
   return images * a + b
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def full_pass_batch_stats(model, variables, images):
   """BN statistics of one pass over all `images` (momentum 0, dropout off): the running
   averages a model would have if they were exactly this data's statistics."""
@@ -70,13 +72,13 @@ def full_pass_batch_stats(model, variables, images):
   return updates['batch_stats']
 
 
-def accuracy(model, variables, images, labels, batch_statistics=0, chunk=2500):
+def accuracy(model, variables, images, labels, batch_statistics=0, chunk=500):
   """Accuracy in eval mode (running averages, `chunk` examples at a time) or, with
   `batch_statistics=B`, normalizing each batch of B examples by its own statistics (train-mode
   BN, dropout off)."""
   if not batch_statistics:
-    predicted = np.concatenate([model.apply(variables, images[i:i + chunk], train=False)
-                                .argmax(-1) for i in range(0, len(labels), chunk)])
+    predicted = np.concatenate([_predict(model, variables, images[i:i + chunk])
+                                for i in range(0, len(labels), chunk)])
     return float((predicted == np.asarray(labels)).mean())
   n = len(labels) // batch_statistics * batch_statistics
   plain = model.clone(dropout=0.0)
@@ -84,6 +86,11 @@ def accuracy(model, variables, images, labels, batch_statistics=0, chunk=2500):
   logits = jax.lax.map(lambda x: plain.apply(variables, x, train=True,
                                              mutable=['batch_stats'])[0], batches)
   return float((logits.reshape(n, -1).argmax(-1) == labels[:n]).mean())
+
+
+@functools.partial(jax.jit, static_argnums=0)  # Flax modules hash by their settings
+def _predict(model, variables, images):
+  return model.apply(variables, images, train=False).argmax(-1)
 
 
 class Study:
