@@ -6,6 +6,7 @@ final, wall_seconds, status, versions, devices` (see README, "Result records").
 """
 
 import concurrent.futures
+import contextlib
 import math
 import os
 import platform
@@ -168,6 +169,11 @@ def validate(config, num_devices=1, num_train=None):
   if config.batch_size % num_devices:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the {num_devices} '
                      'devices: choose a multiple of the device count (or --config.devices).')
+  layers = config.hidden if config.model == 'mlp' else config.features
+  name = 'hidden' if config.model == 'mlp' else 'features'
+  if not layers or any(int(width) < 1 for width in layers):
+    raise ValueError(f'{name} must list at least one positive width for the {config.model}, got '
+                     f'{tuple(layers)}: e.g. --config.{name}="(128,)".')
   if config.bn_stats not in parallel.BN_STATS:
     raise ValueError(f'unknown bn_stats {config.bn_stats!r}: choose one of '
                      f'{parallel.BN_STATS}.')
@@ -242,6 +248,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None,
         results.append_records(work.results_path, new[key])
         if not c.keep_checkpoints and results.is_writer():
           checkpointer.delete()
+          with contextlib.suppress(OSError):  # checkpoints/ too, when no run's are left
+            os.rmdir(os.path.dirname(work.checkpoint_dir(key)))
   records = []  # in grid order: this call's runs and the runs finished before
   for c in configs:
     key = results.run_key(c)

@@ -8,7 +8,7 @@ consecutive examples by the group's own statistics (ghost / virtual BN, Hoffer e
 which separates the BN statistics batch from the optimization batch.
 
 The CNN's 3x3 convolutions are `nn.Conv` layers computed as patches x kernel matmuls on CPU
-(`patch_conv`): XLA's CPU convolutions are ~13x slower inside a loop body (the `lax.scan` of
+(`patch_conv`): XLA's CPU convolutions are ~17x slower inside a loop body (the `lax.scan` of
 `train_chunk`; jax-ml/jax#12868) because their gradients stay in non-canonical layouts there.
 """
 
