@@ -73,10 +73,9 @@ def matmul_rate(m=1024, reps=50):
   return 2 * m**3 * reps / (time.perf_counter() - t0)
 
 
-def step_throughput(dataset, batch_size, steps=400):
-  """Examples per second of the scanned BN-MLP train step (1 seed)."""
+def step_seconds(dataset, model, batch_size, steps):
+  """Seconds per scanned train step of `model` (1 seed, compiled and warmed up first)."""
   data = train.DeviceData.put(dataset)
-  model = models.create_model('mlp', norm='batch')
   states = train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3,
                              (1, 28, 28, 1))
   rngs = jax.random.split(jax.random.key(1), 1)
@@ -89,26 +88,19 @@ def step_throughput(dataset, batch_size, steps=400):
   t0 = time.perf_counter()
   states, sums = run(states)
   jax.block_until_ready(sums)
-  return steps * batch_size / (time.perf_counter() - t0)
+  return (time.perf_counter() - t0) / steps
+
+
+def step_throughput(dataset, batch_size, steps=400):
+  """Examples per second of the scanned BN-MLP train step (1 seed)."""
+  model = models.create_model('mlp', norm='batch')
+  return batch_size / step_seconds(dataset, model, batch_size, steps)
 
 
 def cnn_step_ms(dataset, conv, batch_size=32, steps=50):
   """Milliseconds per scanned train step of the BN-CNN (1 seed), with `conv` = patches | xla."""
-  data = train.DeviceData.put(dataset)
   model = models.create_model('cnn', norm='batch', conv=conv)
-  states = train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3,
-                             (1, 28, 28, 1))
-  rngs = jax.random.split(jax.random.key(1), 1)
-  order = jax.device_put(np.stack([train.epoch_order(
-      0, 0, num_examples=data.size('train'), batch_size=batch_size,
-      num_rows=max(steps, data.size('train') // batch_size + 1))]))
-  run = lambda s: train.train_chunks(s, data.arrays, order, rngs, 0, steps, steps)
-  states, sums = run(states)
-  jax.block_until_ready(sums)
-  t0 = time.perf_counter()
-  states, sums = run(states)
-  jax.block_until_ready(sums)
-  return (time.perf_counter() - t0) / steps * 1e3
+  return step_seconds(dataset, model, batch_size, steps) * 1e3
 
 
 def torch_cnn_step_ms(batch_size=32, steps=50):
