@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn_jax import data as data_lib
-from bn_jax import experiment
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import results
+from bn_jax import settings
+from bn_jax import sweep
+from bn_jax import timing
 from bn_jax import train
 
 BATCH_SIZES = (16, 32, 64, 128, 256)
@@ -40,11 +42,11 @@ FLOPS_PER_EXAMPLE = 6 * (784 * 128 + 128 * 10)  # forward + backward of the MLP'
 
 def grid(dataset, epochs, cache_dir):
   """The BN/no-BN x batch-size grid as the batch-size study runs it; (wall, train) seconds."""
-  config = experiment.base_config()
+  config = settings.base_config()
   config.update(seeds=1, epochs=epochs, progress=False, compilation_cache_dir=cache_dir)
   specs = [{'norm': n, 'batch_size': b} for n in ('batch', 'none') for b in BATCH_SIZES]
   t0 = time.perf_counter()
-  records = experiment.sweep(config, dataset, specs, experiment='benchmark')
+  records = sweep.sweep(config, dataset, specs, experiment='benchmark')
   wall = time.perf_counter() - t0
   train_seconds = sum(r['wall_seconds'] for r in records)  # fit() time, programs compiled
   accuracy = [r['final']['test_accuracy'] for r in records]
@@ -74,21 +76,8 @@ def matmul_rate(m=1024, reps=50):
 
 
 def step_seconds(dataset, model, batch_size, steps):
-  """Seconds per scanned train step of `model` (1 seed, compiled and warmed up first)."""
-  data = train.DeviceData.put(dataset)
-  states = train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3,
-                             (1, 28, 28, 1))
-  rngs = jax.random.split(jax.random.key(1), 1)
-  order = jax.device_put(np.stack([train.epoch_order(
-      0, 0, num_examples=data.size('train'), batch_size=batch_size,
-      num_rows=max(steps, data.size('train') // batch_size + 1))]))
-  run = lambda s: train.train_chunks(s, data.arrays, order, rngs, 0, steps, steps)
-  states, sums = run(states)
-  jax.block_until_ready(sums)
-  t0 = time.perf_counter()
-  states, sums = run(states)
-  jax.block_until_ready(sums)
-  return (time.perf_counter() - t0) / steps
+  """Seconds per scanned train step of `model` (1 seed; `bn_jax.timing`, the claims' timer)."""
+  return timing.step_times(model, train.DeviceData.put(dataset), batch_size, steps)['train'][0]
 
 
 def step_throughput(dataset, batch_size, steps=400):
@@ -183,11 +172,11 @@ def main():
 
   dataset = data_lib.load(args.data)
   out = {'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
-         'data': args.data, 'epochs': args.epochs, 'versions': experiment.versions(),
+         'data': args.data, 'epochs': args.epochs, 'versions': results.versions(),
          'machine': platform.machine(), 'cpus': os.cpu_count()}
   cache = tempfile.mkdtemp(prefix='bn_jax_bench_cache_')  # empty: the first grid runs cold
   atexit.register(shutil.rmtree, cache, ignore_errors=True)
-  experiment.enable_compilation_cache(_cache(cache))
+  sweep.enable_compilation_cache(_cache(cache))
   wall, train_s, acc = grid(dataset, args.epochs, cache)
   out['grid_cold'] = {'wall': wall, 'train': train_s, 'compile_and_other': wall - train_s,
                       'test_accuracy_min_max': [min(acc), max(acc)]}
@@ -216,7 +205,7 @@ def main():
 
 
 def _cache(path):
-  config = experiment.base_config()
+  config = settings.base_config()
   config.compilation_cache_dir = path
   return config
 

@@ -53,18 +53,13 @@ def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, s
   `train_examples` > 0 keeps that many training examples (the first of the shuffled training
   part: a random subset, the same for every run); validation and test stay whole.
   """
-  if not isinstance(spec, str):
-    raise ValueError(f'data spec must be a string, got {spec!r}')
-  if spec.startswith('tfds:'):
-    arrays = load_tfds(spec[len('tfds:'):], data_dir=data_dir)
-  elif spec.startswith('idx:'):
-    arrays = load_idx(spec[len('idx:'):])
-  elif spec == 'synthetic' or spec.startswith('synthetic:'):
-    size = int(spec.split(':')[1]) if ':' in spec else 2000
-    arrays = synthetic(num_train=size, num_test=size // 4, seed=seed)
+  kind, arg = parse_spec(spec)
+  if kind == 'tfds':
+    arrays = load_tfds(arg, data_dir=data_dir)
+  elif kind == 'idx':
+    arrays = load_idx(arg)
   else:
-    raise ValueError(f'unknown data spec {spec!r}: use `tfds:NAME` (e.g. tfds:mnist), '
-                     '`idx:DIR` (MNIST-format files) or `synthetic`.')
+    arrays = synthetic(num_train=arg, num_test=arg // 4, seed=seed)
   (x_train, y_train), (x_test, y_test) = arrays
   for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
     _check_arrays(f'{spec} {split}', x, y)
@@ -78,6 +73,25 @@ def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, s
     x_train, y_train = x_train[:train_examples], y_train[:train_examples]
   return Dataset(spec, _to_float(x_train), y_train.astype(np.int32), _to_float(x_val),
                  y_val.astype(np.int32), _to_float(x_test), y_test.astype(np.int32))
+
+
+SPEC_FORMS = ('`tfds:NAME` (e.g. tfds:mnist), `idx:DIR` (MNIST-format files) or '
+              '`synthetic[:N]` (N >= 8 generated examples, default 2000)')
+
+
+def parse_spec(spec):
+  """A data spec -> (kind, argument): ('tfds', NAME), ('idx', DIR) or ('synthetic', N)."""
+  if not isinstance(spec, str):
+    raise ValueError(f'data spec must be a string, got {spec!r}: use {SPEC_FORMS}.')
+  kind, _, arg = spec.partition(':')
+  if kind in ('tfds', 'idx') and arg:
+    return kind, arg
+  if kind == 'synthetic':
+    if not arg:
+      return kind, 2000
+    if arg.isdigit() and int(arg) >= 8:
+      return kind, int(arg)
+  raise ValueError(f'unknown data spec {spec!r}: use {SPEC_FORMS}.')
 
 
 def split_validation(images, labels, *, val_fraction=0.1, seed=42):

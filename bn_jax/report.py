@@ -12,6 +12,15 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bn_jax.results import atomic_write  # pylint: disable=wrong-import-position
 
+def to_target(curve, target):
+  """The first validation point of a record's `curve` at or above `target`:
+  {'step', 'examples'}, or None if the run never reached it."""
+  for point in curve:
+    if point['val_accuracy'] >= target:
+      return {'step': point['step'], 'examples': point['examples']}
+  return None
+
+
 def final(name):
   """Column function: a number from a record's `final` metrics."""
   return lambda r: r['final'][name]
@@ -141,3 +150,39 @@ def plot_val_curves(records, path):
 
 def _colors():
   return plt.rcParams['axes.prop_cycle'].by_key()['color'] * 4
+
+
+def plot_lines(path, x, series, *, xlabel, ylabel, xlog=False, title=''):
+  """One line per `series` entry, label -> (y means, y error bars or None) over `x`."""
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for label, (y, err) in series.items():
+    ax.errorbar(x, y, err, marker='o', capsize=3, label=label)
+  if xlog:
+    ax.set_xscale('log')
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  save_figure(fig, path)
+
+
+def plot_bars(path, labels, means, errors=None, *, ylabel):
+  """One bar per label with optional error bars (e.g. std over seeds)."""
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  ax.bar(range(len(labels)), means, yerr=errors, capsize=3)
+  ax.set_xticks(range(len(labels)), labels, fontsize=8)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3, axis='y')
+  save_figure(fig, path)
+
+
+def plot_layer_norms(path, panels):
+  """Per panel title, lines label -> (values per layer, line style), log y: e.g. gradient norm
+  per layer at init and after training."""
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+  for ax, (title, lines) in zip(axes[0], panels.items()):
+    for label, (values, style) in lines.items():
+      ax.semilogy(values, style, marker='o', label=label)
+    ax.set(title=title, xlabel='layer (input first)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  save_figure(fig, path)

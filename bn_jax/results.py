@@ -1,22 +1,27 @@
-"""Result records on disk: the workdir, `results.jsonl` (whole lines only), atomic files.
+"""Result records on disk: the record layout, run keys and code versions, the workdir,
+`results.jsonl` (whole lines only), final states and atomic files.
 
-Only process 0 writes when several hosts train together. A run's stable key comes from its
-resolved config, so a restarted sweep knows which runs are finished.
+Only process 0 writes when several hosts train together. A run's key is a hash of its identity
+(`settings.identity`); with the seed it names one record, and the record carries the code
+version that made it, so a finished run is found again and never mistaken for another code's.
 """
 
+import datetime
+import glob
 import hashlib
 import json
 import os
+import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 
+import flax
 import jax
+import optax
 
-# Settings that do not change a run's numbers, left out of its key.
-NOT_IN_KEY = ('progress', 'compilation_cache', 'compilation_cache_dir', 'resume', 'overwrite',
-              'checkpoint_every_steps', 'checkpoint_min_seconds', 'checkpoint_keep',
-              'keep_checkpoints', 'coordinator_address', 'num_processes', 'process_id',
-              'bn_batch_of_one')
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def is_writer():
@@ -24,10 +29,70 @@ def is_writer():
   return jax.process_index() == 0
 
 
-def run_key(config):
-  """A stable id of one configuration (all its seeds): a hash of the settings that matter."""
-  settings = {k: v for k, v in jsonable(config.to_dict()).items() if k not in NOT_IN_KEY}
-  return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+def run_key(identity):
+  """A stable id of one configuration (all its seeds): a hash of its identity dict."""
+  return hashlib.sha1(json.dumps(jsonable(identity), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def code_version(script=None):
+  """The code a run is made with: a hash of the bn_jax sources and the script (`sources`,
+  what decides whether a finished run can be re-used), and the git commit and dirty flag of
+  the checkout when there is one (for the record)."""
+  script = script if script is not None else getattr(sys.modules['__main__'], '__file__', '')
+  digest = hashlib.sha256()
+  files = sorted(glob.glob(os.path.join(PACKAGE_DIR, '*.py')))
+  if script and os.path.isfile(script):
+    files.append(script)
+  for path in files:
+    with open(path, 'rb') as f:
+      digest.update(os.path.basename(path).encode() + b'\0' + f.read() + b'\0')
+  version = {'sources': digest.hexdigest()[:16],
+             'script': os.path.basename(script) if script else '', 'commit': None,
+             'dirty': None}
+  try:
+    git = lambda *a: subprocess.run(['git', '-C', PACKAGE_DIR, *a], capture_output=True,
+                                    text=True, timeout=10, check=True).stdout.strip()
+    version['commit'] = git('rev-parse', 'HEAD')
+    version['dirty'] = bool(git('status', '--porcelain', '--untracked-files=no'))
+  except (OSError, subprocess.SubprocessError):
+    pass  # not a git checkout (an installed copy): the sources hash still names the code
+  return version
+
+
+def versions():
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'flax': flax.__version__, 'optax': optax.__version__}
+
+
+def make_record(*, experiment, config, identity, seed_result, code, wall_seconds, devices):
+  """The result record of one run (one seed): the one place that lays a record out."""
+  r = seed_result
+  return {
+      'experiment': experiment,
+      'run_key': run_key(identity),
+      'identity': jsonable(identity),
+      'seed': r['seed'],
+      'model': config.model,
+      'norm': config.norm,
+      'batch_size': config.batch_size,
+      'learning_rate': config.learning_rate,
+      'epochs': config.epochs,
+      'data': config.data,
+      'config': {**jsonable(config.to_dict()), 'seed': r['seed']},
+      'history': r['history'],
+      'final': r['final'],
+      'curve': r['curve'],  # validation at every eval point, with steps and examples
+      'steps': r['steps'],
+      # Seeds of a configuration train together; these are their shared seconds.
+      'wall_seconds': wall_seconds,
+      'compile_seconds': r['compile_seconds'],
+      'status': r['status'],
+      'diverged_at': r['diverged_at'],
+      'code': code,
+      'versions': versions(),
+      'devices': devices,
+      'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
 
 
 def jsonable(value):
@@ -84,12 +149,13 @@ def read_records(path):
 
 
 class Workdir:
-  """A run directory: `results.jsonl`, `checkpoints/<run key>/`, tables and plots.
+  """A run directory: `results.jsonl`, `checkpoints/`, `states/`, tables and plots.
 
   Opening it checks everything that can be checked before training: the path is a directory
-  and writable, and any results in it come from the same experiment. With `resume`, finished
-  runs are kept (and skipped by a sweep) and unfinished ones resume from their checkpoints;
-  without it, existing results are an error unless `overwrite`, which deletes them.
+  and writable, and any results in it come from the same experiment and carry run identities.
+  With `resume`, finished runs are kept (and skipped by a sweep) and unfinished ones resume
+  from their checkpoints; without it, existing results are an error unless `overwrite`, which
+  deletes them.
   """
 
   def __init__(self, path, experiment, *, resume=True, overwrite=False):
@@ -117,13 +183,45 @@ class Workdir:
                             '--config.resume=false: pass --config.overwrite=true to delete them, '
                             'or use another --workdir.')
     if not resume and is_writer():
-      for stale in (self.results_path, os.path.join(self.path, 'checkpoints')):
+      for stale in ('results.jsonl', 'superseded.jsonl', 'checkpoints', 'states'):
+        stale = os.path.join(self.path, stale)
         if os.path.isdir(stale):
           shutil.rmtree(stale)
         elif os.path.exists(stale):
           os.remove(stale)
       records = []
-    self.finished = {(r['run_key'], r['seed']): r for r in records if 'run_key' in r}
+    if any('identity' not in r for r in records):
+      raise ValueError(f'{self.results_path} was written by an older bn_jax (records without a '
+                       'run identity or code version): use another --workdir, or pass '
+                       '--config.resume=false --config.overwrite=true to delete its results.')
+    self.finished = {(r['run_key'], r['seed']): r for r in records}
 
-  def checkpoint_dir(self, key):
-    return os.path.join(self.path, 'checkpoints', key)
+  def supersede(self, records):
+    """Moves `records` from results.jsonl to superseded.jsonl (re-written atomically)."""
+    gone = {(r['run_key'], r['seed']) for r in records}
+    append_records(os.path.join(self.path, 'superseded.jsonl'), records)
+    keep = [r for r in read_records(self.results_path) if (r['run_key'], r['seed']) not in gone]
+    atomic_write(self.results_path, ''.join(json.dumps(r, allow_nan=True) + '\n' for r in keep))
+    for key in gone:
+      self.finished.pop(key, None)
+
+  def checkpoint_dir(self, name):
+    return os.path.join(self.path, 'checkpoints', name)
+
+  def state_path(self, key, seed):
+    return state_path(self.path, key, seed)
+
+  def save_state(self, key, seed, variables):
+    atomic_write(self.state_path(key, seed), flax.serialization.msgpack_serialize(
+        jax.device_get(variables)))
+
+
+def state_path(workdir, key, seed):
+  """Where a run's final variables (params, batch_stats) are kept when a sweep saves them."""
+  return os.path.join(os.path.abspath(workdir), 'states', key, f'seed_{seed}.msgpack')
+
+
+def load_state(workdir, record):
+  """The final variables {'params', 'batch_stats'} of a recorded run (sweep `save_states`)."""
+  with open(state_path(workdir, record['run_key'], record['seed']), 'rb') as f:
+    return flax.serialization.msgpack_restore(f.read())

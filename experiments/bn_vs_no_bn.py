@@ -4,23 +4,21 @@ r"""The original study's comparison: the MLP with and without Batch Normalizatio
       --config.data=idx:/usr/share/datasets/fashion-mnist --config.seeds=5
 
 Writes results.jsonl (one record per run), summary.md and curves.png to the workdir and prints
-the table. Any setting below can be overridden with --config.NAME=VALUE.
+the table. Any setting below (or in bn_jax/settings.py) can be overridden with
+--config.NAME=VALUE; runs already in the workdir's results.jsonl are not trained again.
 """
 
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
-from bn_jax import experiment
+from bn_jax import cli
 from bn_jax import report
 from bn_jax import results
+from bn_jax import settings
+from bn_jax import sweep
 
 
 def get_config():
-  config = experiment.base_config()
+  config = settings.base_config()
   config.norms = ('batch', 'none')  # BN and the control, otherwise identical
   config.data = 'tfds:mnist'
   config.model = 'mlp'
@@ -31,29 +29,20 @@ def get_config():
   return config
 
 
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_dict('config', get_config())
-flags.DEFINE_string('workdir', 'runs/bn_vs_no_bn', 'Directory for results and plots.')
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # JAX's INFO lines (e.g. 'no TPU found') are noise here
-  config = _CONFIG.value
-  dataset = experiment.load_data(config)
-
-  records = experiment.sweep(config, dataset, [{'norm': norm} for norm in config.norms],
-                             experiment='bn_vs_no_bn', workdir=FLAGS.workdir)
+def main(config, workdir):
+  dataset = sweep.load_data(config)
+  records = sweep.sweep(config, dataset, [{'norm': norm} for norm in config.norms],
+                        experiment='bn_vs_no_bn', workdir=workdir)
 
   table = report.summary_table(records)
-  results.atomic_write(os.path.join(FLAGS.workdir, 'summary.md'), (
+  results.atomic_write(os.path.join(workdir, 'summary.md'), (
       f'# BN vs no BN: {config.model}, {config.data}, batch {config.batch_size}, '
       f'{config.epochs} epochs, {config.seeds} seeds (mean ± std over seeds)\n\n{table}'))
-  report.plot_curves(records, os.path.join(FLAGS.workdir, 'curves.png'))
+  report.plot_curves(records, os.path.join(workdir, 'curves.png'))
   if results.is_writer():
     print(table)
-    print(f'wrote results.jsonl, summary.md and curves.png in {FLAGS.workdir}')
+    print(f'wrote results.jsonl, summary.md and curves.png in {workdir}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, get_config, grid_keys=('norm',), workdir='runs/bn_vs_no_bn')

@@ -1,0 +1,31 @@
+"""bn_jax: Batch Normalization and batch-size effects, studied in JAX/Flax.
+
+Modules, in the order data flows through them:
+  settings    defaults, checks, run identity, config -> model and fit arguments
+  data        data sources -> numpy arrays, validation split
+  models      MLP, CNN and their normalization layers
+  train       TrainState, the pure train / eval steps, scanned and seed-stacked programs
+  parallel    the same programs data-parallel over devices and hosts
+  loop        the fit loop: schedule, eval points, divergence, checkpoints
+  checkpoint  Orbax checkpoints
+  sweep       the resumable sweep every experiment runs through
+  results     records, run keys, code versions, the workdir, atomic files
+  report      tables and plots
+  claims      effects, verdicts and BN measurements of the claims study
+  timing      the step timer
+  cli         the command line of the experiment scripts
+"""
+
+from bn_jax import checkpoint
+from bn_jax import claims
+from bn_jax import cli
+from bn_jax import data
+from bn_jax import loop
+from bn_jax import models
+from bn_jax import parallel
+from bn_jax import report
+from bn_jax import results
+from bn_jax import settings
+from bn_jax import sweep
+from bn_jax import timing
+from bn_jax import train

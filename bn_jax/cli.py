@@ -1,0 +1,86 @@
+"""The command line every experiment script shares: `--config.KEY=VALUE` overrides of the
+script's `get_config()`, presets (e.g. `--config.quick=true`) applied *before* those
+overrides so that a flag always wins, `--workdir`, and bad input reported as one line.
+
+  if __name__ == '__main__':
+    cli.run(main, get_config, presets={'quick': quick}, grid_keys=('norm',))
+
+calls `main(config, workdir)` with the resolved config.
+"""
+
+import difflib
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from bn_jax import results
+from bn_jax import settings
+
+# Bad input a user can fix: reported as `error: <message>` and exit status 2, no traceback.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experiment'):
+  """Parses the command line and calls `main(config, workdir)`.
+
+  Args:
+    main: the script's body.
+    get_config: returns the script's default ConfigDict.
+    presets: name -> function(config) that edits the config in place; applied when
+      `--config.<name>=true` (or the default is true), before the command-line overrides.
+    grid_keys: settings the script's grid sets for every run; setting one on the command
+      line is an error rather than silently ignored.
+    workdir: the default `--workdir`.
+  """
+  presets = presets or {}
+  _refuse_unknown_keys(get_config(), sys.argv[1:])
+  flags.DEFINE_string('workdir', workdir, 'Directory for results, tables and plots.')
+  config_flags.DEFINE_config_dict('config', get_config())
+
+  def absl_main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # JAX's INFO lines ('no TPU found') are noise here
+    overridden = config_flags.get_override_values(flags.FLAGS['config'])
+    try:
+      config = resolve(get_config(), overridden, presets)
+      settings.check_overrides(config, overridden, grid_keys)
+      main(config, flags.FLAGS.workdir)
+    except USER_ERRORS as e:
+      message = e.args[0] if isinstance(e, KeyError) and e.args else e
+      if results.is_writer():
+        print(f'error: {message}', file=sys.stderr)
+      sys.exit(2)
+
+  app.run(absl_main)
+
+
+def resolve(config, overridden, presets):
+  """`config` with the presets switched on (by default or on the command line) applied first,
+  then the command-line overrides (a flat dict of dotted keys -> values)."""
+  for name, preset in presets.items():
+    if overridden.get(name, config[name]):
+      preset(config)
+  for key, value in overridden.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _refuse_unknown_keys(config, argv):
+  """`--config.batchsize=3` -> one line naming the closest known key (not a traceback)."""
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0].split('.')[0]
+    if key not in config:
+      close = difflib.get_close_matches(key, list(config.keys()), n=1)
+      hint = f' (did you mean --config.{close[0]}?)' if close else ''
+      print(f'error: unknown setting --config.{key}{hint}; the settings are those of the '
+            "script's get_config() and bn_jax/settings.py.", file=sys.stderr)
+      sys.exit(2)

@@ -1,0 +1,280 @@
+"""Run settings: the defaults every experiment shares, every check on them (each once, with one
+message), a run's identity, and the one mapping from a config to the model and `loop.fit`'s
+arguments.
+
+A run is identified by the settings that change its numbers (`identity`): data and split, model
+and its widths, normalization and BN settings, optimizer settings, batch size, rate, budget and
+the device count; a run record adds the seed and the code version. Grid lists (`norms`,
+`batch_sizes`, `lrs`, ...), process and output settings never enter it, so growing a grid or
+the seed count re-uses every finished run.
+"""
+
+import math
+import warnings
+
+import ml_collections
+
+from bn_jax import data
+from bn_jax import models
+from bn_jax import parallel
+
+
+class ConfigError(ValueError):
+  """A setting that cannot run; the message names the setting and the fix (one line)."""
+
+
+def base_config():
+  """Settings every experiment shares; scripts start from these and add their own."""
+  c = ml_collections.ConfigDict()
+  c.data = 'tfds:mnist'  # tfds:NAME | idx:DIR | synthetic[:N]
+  c.data_dir = ''  # TFDS data directory ('' = TFDS's default)
+  c.val_fraction = 0.1
+  c.split_seed = 42  # the validation split is the same for every run
+  c.train_examples = 0  # > 0: train on this many examples (a fixed random subset); 0: all
+  c.model = 'mlp'  # mlp | cnn
+  c.norm = 'batch'  # none | batch
+  # Where BN's training statistics come from: 'sync' = the whole (global) batch; 'local' = each
+  # device's part; 'ghost' = groups of bn_group_size examples (ghost BN), separating the
+  # statistics batch from the optimizer's batch.
+  c.bn_stats = 'sync'
+  c.bn_group_size = 0
+  c.hidden = (128,)  # MLP hidden widths
+  c.features = (32, 64)  # CNN: channels of each 3x3 conv block (the first two max-pool)
+  c.init_scale = 1.0  # hidden (and conv) weights at init: this times LeCun-normal
+  c.dropout = 0.2
+  c.activation = 'relu'
+  c.bn_momentum = 0.99  # Keras' default, as in the original study (PyTorch's 0.1 is 0.9 here)
+  c.bn_epsilon = 1e-3  # Keras' default (Flax and PyTorch use 1e-5)
+  c.learning_rate = 1e-3  # Adam
+  c.batch_size = 32
+  c.epochs = 5
+  c.max_steps = 0  # a budget in steps instead of epochs (0: use epochs)
+  c.seeds = 3  # seeds 0 .. seeds-1, trained together in one program
+  c.chunk_steps = 0  # train steps per dispatched program; 0 = up to the next evaluation
+  c.evals_per_epoch = 1  # validation points per epoch (the `curve` of each record)
+  c.target_val_accuracy = 0.0  # > 0: tables report steps/examples to reach it
+  c.eval_batch_size = 1000
+  c.progress = True
+  # Devices: data-parallel over `devices` (0 = every device JAX sees, of every host) with
+  # `parallel` = shard_map | pmap; hosts join through jax.distributed (unset: environment).
+  c.devices = 0
+  c.parallel = 'shard_map'
+  c.coordinator_address = ''  # e.g. 10.0.0.1:1234
+  c.num_processes = 0
+  c.process_id = -1
+  c.compilation_cache = True  # JAX's persistent compilation cache
+  c.compilation_cache_dir = ''  # '' = $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax)
+  # Checkpoints and resuming: the same command with the same workdir resumes a sweep, skipping
+  # finished runs; resume=false starts afresh (refusing to delete results unless overwrite).
+  c.resume = True
+  c.overwrite = False
+  # A finished run made by other code (bn_jax sources or the script changed): 'refuse' (stop
+  # and say so), 'retrain' (train it again; the old record moves to superseded.jsonl) or
+  # 'reuse' (use it as it is; its record keeps its own code version).
+  c.on_code_change = 'refuse'
+  c.checkpoint_every_steps = 0  # 0: at the end of every epoch only
+  c.checkpoint_min_seconds = 10.0  # but never more often than this
+  c.checkpoint_keep = 3
+  c.keep_checkpoints = False  # delete a run's checkpoints once its results are recorded
+  c.bn_batch_of_one = 'error'  # BN over 1 example outputs just beta: 'error' | 'warn'
+  return c
+
+
+def identity(config, num_devices=1):
+  """The settings that change a run's numbers (all its seeds): the run identity.
+
+  Only the settings that matter for this run enter: the MLP's `hidden` or the CNN's
+  `features`; BN's settings only with BN; `epochs` only without a `max_steps` budget.
+  """
+  c = config
+  run = {'data': c.data, 'val_fraction': c.val_fraction, 'split_seed': c.split_seed,
+         'train_examples': c.train_examples, 'model': c.model, 'init_scale': c.init_scale,
+         'dropout': c.dropout, 'activation': c.activation, 'norm': c.norm,
+         'optimizer': 'adam', 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
+         'evals_per_epoch': c.evals_per_epoch, 'num_devices': num_devices}
+  run.update({'hidden': list(c.hidden)} if c.model == 'mlp' else {'features': list(c.features)})
+  run.update({'max_steps': c.max_steps} if c.max_steps else {'epochs': c.epochs})
+  if c.norm == 'batch':
+    run.update(bn_stats=c.bn_stats, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)
+    if c.bn_stats == 'ghost':
+      run['bn_group_size'] = c.bn_group_size
+  return run
+
+
+def make_model(config, data_parallel=False):
+  """The model a config describes. `bn_stats` picks where BN's training statistics come from:
+  'sync' (the whole batch, across devices when `data_parallel`), 'local' (each device's part;
+  on one device the whole batch) or 'ghost' (groups of `bn_group_size` examples)."""
+  c = config
+  norm = c.norm
+  if norm == 'batch' and c.bn_stats == 'ghost':
+    norm = 'ghost'
+  layers = {'hidden': tuple(c.hidden)} if c.model == 'mlp' else {'features': tuple(c.features)}
+  return models.create_model(
+      c.model, norm=norm, dropout=c.dropout, activation=c.activation,
+      bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, bn_group_size=c.bn_group_size,
+      bn_axis_name=(parallel.AXIS if norm == 'batch' and c.bn_stats == 'sync' and data_parallel
+                    else None),
+      init_scale=c.init_scale, **layers)
+
+
+def fit_args(config):
+  """`loop.fit`'s keyword arguments (all but the model, data, seeds and runner) from a config."""
+  c = config
+  return dict(learning_rate=c.learning_rate, batch_size=c.batch_size, epochs=c.epochs,
+              max_steps=c.max_steps, chunk_steps=c.chunk_steps,
+              evals_per_epoch=c.evals_per_epoch, eval_batch_size=c.eval_batch_size,
+              progress=c.progress)
+
+
+def resolve(config, **overrides):
+  """A copy of `config` with `overrides` applied (the caller's config stays as it was)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    if key not in config:
+      raise ConfigError(f'unknown config key {key!r}: choose one of {sorted(config.keys())}.')
+    config[key] = value
+  return config
+
+
+def scaled_learning_rate(learning_rate, batch_size, base_batch_size, rule='none'):
+  """The rate for `batch_size` under a scaling rule relative to `base_batch_size`."""
+  ratio = batch_size / base_batch_size
+  rules = {'none': 1.0, 'linear': ratio, 'sqrt': math.sqrt(ratio)}
+  if rule not in rules:
+    raise ConfigError(f'unknown lr_scaling {rule!r}: choose one of {tuple(rules)}.')
+  return learning_rate * rules[rule]
+
+
+# --- Checks ---------------------------------------------------------------------------------
+
+def _check(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def _choice(config, key, choices):
+  _check(config[key] in choices, f'unknown {key} {config[key]!r}: choose one of '
+         f'{tuple(choices)}.')
+
+
+def _at_least(config, key, low):
+  value = config[key]
+  _check(isinstance(value, int) and value >= low, f'{key} must be an integer >= {low}, got '
+         f'{value!r}.')
+
+
+def _fraction(config, key, low_open=False):
+  value = config[key]
+  ok = (0 < value < 1) if low_open else (0 <= value < 1)
+  _check(ok, f'{key} must be in {"(" if low_open else "["}0, 1), got {value!r}.')
+
+
+def _positive(config, key):
+  value = config[key]
+  _check(math.isfinite(value) and value > 0, f'{key} must be a positive number, got {value!r}.')
+
+
+def _widths(config, key, example):
+  value = tuple(config[key])
+  _check(value and all(isinstance(w, int) and w >= 1 for w in value),
+         f'{key} must list at least one positive integer width, got {value}: e.g. '
+         f'--config.{key}="{example}".')
+
+
+# Checks of settings that only some scripts have (their grid lists), applied where present.
+GRID_CHECKS = {
+    'norms': lambda c: [_check(n in ('batch', 'none'), f"norms must list 'batch' and/or "
+                               f"'none', got {tuple(c.norms)}.") for n in c.norms or (None,)],
+    'batch_sizes': lambda c: _widths(c, 'batch_sizes', '(16,32)'),
+    'base_batch_size': lambda c: _at_least(c, 'base_batch_size', 1),
+    'lr_scaling': lambda c: scaled_learning_rate(1.0, 1, 1, c.lr_scaling),
+    'lrs': lambda c: _check(c.lrs and all(math.isfinite(x) and x > 0 for x in c.lrs),
+                            f'lrs must list positive rates, got {tuple(c.lrs)}.'),
+    'init_scales': lambda c: _check(c.init_scales and all(x > 0 for x in c.init_scales),
+                                    f'init_scales must list positive scales, got '
+                                    f'{tuple(c.init_scales)}.'),
+    'depths': lambda c: _widths(c, 'depths', '(2,5)'),
+    'depth_width': lambda c: _at_least(c, 'depth_width', 1),
+    'activations': lambda c: _check(c.activations and set(c.activations) <= set(
+        models.ACTIVATIONS), f'activations must list some of {tuple(models.ACTIVATIONS)}, got '
+        f'{tuple(c.activations)}.'),
+    'momenta': lambda c: _check(c.momenta and all(0 <= m < 1 for m in c.momenta),
+                                f'momenta must list numbers in [0, 1), got {tuple(c.momenta)}.'),
+}
+
+
+def validate(config, num_devices=1, num_train=None):
+  """Checks every setting of a resolved config before anything trains or is written; raises a
+  `ConfigError` naming the setting and the fix."""
+  c = config
+  try:
+    data.parse_spec(c.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _fraction(c, 'val_fraction', low_open=True)
+  _choice(c, 'model', models.MODELS)
+  _choice(c, 'norm', ('batch', 'none'))
+  _choice(c, 'bn_stats', parallel.BN_STATS)
+  _choice(c, 'activation', models.ACTIVATIONS)
+  _choice(c, 'parallel', parallel.KINDS)
+  _choice(c, 'on_code_change', ('refuse', 'retrain', 'reuse'))
+  _choice(c, 'bn_batch_of_one', ('error', 'warn'))
+  _widths(c, 'hidden' if c.model == 'mlp' else 'features',
+          '(128,)' if c.model == 'mlp' else '(32,64)')
+  _fraction(c, 'dropout')
+  _fraction(c, 'bn_momentum')
+  for key in ('init_scale', 'bn_epsilon', 'learning_rate'):
+    _positive(c, key)
+  _check(c.checkpoint_min_seconds >= 0, f'checkpoint_min_seconds must be >= 0, got '
+         f'{c.checkpoint_min_seconds}.')
+  for key in ('train_examples', 'epochs', 'max_steps', 'chunk_steps', 'checkpoint_every_steps',
+              'devices', 'bn_group_size'):
+    _at_least(c, key, 0)
+  for key in ('seeds', 'evals_per_epoch', 'eval_batch_size', 'checkpoint_keep'):
+    _at_least(c, key, 1)
+  _check(c.epochs or c.max_steps, 'nothing to train: set epochs > 0 (or max_steps > 0).')
+  _check(0 <= c.target_val_accuracy <= 1, f'target_val_accuracy must be in [0, 1], got '
+         f'{c.target_val_accuracy}.')
+  for key, check in GRID_CHECKS.items():
+    if key in c:
+      check(c)
+  _check(c.batch_size >= 1 and (not num_train or c.batch_size <= num_train),
+         f'batch_size must be in [1, {num_train or "the training set size"}], got '
+         f'{c.batch_size}.')
+  _check(c.batch_size % num_devices == 0,
+         f'batch_size {c.batch_size} is not divisible by the {num_devices} devices: choose a '
+         'multiple of the device count (or --config.devices).')
+  if c.norm == 'batch':
+    _check_bn_group(c, num_devices)
+
+
+def _check_bn_group(c, num_devices):
+  per_device = c.batch_size // num_devices
+  group = {'sync': c.batch_size, 'local': per_device, 'ghost': c.bn_group_size}[c.bn_stats]
+  _check(c.bn_stats != 'ghost' or group >= 1, "bn_stats='ghost' needs "
+         '--config.bn_group_size=G, the examples per BN group.')
+  _check(c.bn_stats != 'ghost' or per_device % group == 0, f'bn_group_size={group} must '
+         f'divide the batch of {per_device} examples per device: choose a divisor of it.')
+  if group == 1:
+    message = ('BatchNorm over a single example: its variance is 0, so the layer outputs beta '
+               'whatever the input. Use a larger batch / bn_group_size, or set '
+               '--config.bn_batch_of_one=warn to run anyway.')
+    _check(c.bn_batch_of_one == 'warn', message)
+    warnings.warn(message)
+
+
+def check_overrides(config, overridden, grid_keys=()):
+  """Refuses command-line settings that this script would ignore: a key its grid sets (e.g.
+  `norm` where the script compares `norms`), or the other model's layer widths."""
+  for key in overridden:
+    top = key.split('.')[0]
+    if top in grid_keys:
+      lists = {'norm': 'norms', 'batch_size': 'batch_sizes', 'learning_rate': 'lrs'}
+      hint = f' (set --config.{lists[top]} instead)' if lists.get(top) in config else ''
+      raise ConfigError(f'--config.{top} is not used by this script: its grid sets {top} for '
+                        f'every run{hint}.')
+    unused = {'mlp': 'features', 'cnn': 'hidden'}.get(config.model)
+    if top == unused and 'depths' not in config:
+      raise ConfigError(f'--config.{top} is not used with model={config.model} (the MLP has '
+                        '`hidden`, the CNN `features`): set the other one, or --config.model.')

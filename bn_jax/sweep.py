@@ -1,0 +1,197 @@
+"""The sweep every experiment runs through: trains only the (configuration, seed) pairs that
+its workdir has not finished, records each run as soon as it finishes, resumes after a kill.
+
+A configuration is keyed by its identity (`settings.identity`), so growing a grid or `seeds`
+trains just the new pairs, the missing seeds of a configuration stacked in one program.
+Finished runs made by other code are handled by `config.on_code_change` (refuse, retrain or
+reuse). Unfinished ones checkpoint to `checkpoints/<run key>-<tag>/` (the tag names the code
+and the seeds being trained) and resume from there.
+"""
+
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+
+import jax
+
+from bn_jax import checkpoint
+from bn_jax import data
+from bn_jax import loop
+from bn_jax import parallel
+from bn_jax import results
+from bn_jax import settings
+from bn_jax import train
+
+
+def enable_compilation_cache(config):
+  """Turns on JAX's persistent compilation cache (every program, however quick); its path."""
+  if not config.compilation_cache:
+    return None
+  path = config.compilation_cache_dir or os.path.join(
+      os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'bn_jax', 'jax')
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return path
+
+
+def load_data(config):
+  """Everything a script does before its sweep: settings checked, compilation cache on, data
+  loaded."""
+  settings.validate(config)
+  enable_compilation_cache(config)
+  dataset = data.load(config.data, val_fraction=config.val_fraction,
+                      split_seed=config.split_seed, data_dir=config.data_dir or None,
+                      train_examples=config.train_examples)
+  if results.is_writer():
+    print(f'{config.data}: {dataset.sizes()}')
+  return dataset
+
+
+def make_runner(config):
+  """One device, or data-parallel over `config.devices` (joining other hosts if configured)."""
+  parallel.initialize_distributed(config.coordinator_address, config.num_processes,
+                                  config.process_id)
+  if (config.devices or jax.device_count()) == 1 and jax.process_count() == 1:
+    return train.ONE_DEVICE
+  return parallel.DataParallel(config.devices, config.parallel)
+
+
+def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_states=False,
+          compile_threads=0, script=None):
+  """Runs every configuration of `grid` (a list of overrides of `config`) for seeds
+  0 .. seeds-1; returns their records in grid order (one per seed).
+
+  Args:
+    config: the resolved base config; `grid` entries override it.
+    dataset: a `data.Dataset`.
+    experiment: the name recorded in every record (a workdir holds one experiment).
+    workdir: with one, finished runs are re-used and new ones appended to results.jsonl at
+      once; without, everything trains and nothing is written.
+    runner: one device (default for one device) or a `parallel.DataParallel`.
+    save_states: also keep each run's final variables (`Workdir.load_state`), for
+      measurements of trained weights.
+    script: the script whose hash joins the code version (default: the `__main__` file).
+  Returns:
+    A list of records, the seeds of each grid entry in order.
+  """
+  runner = runner or make_runner(config)
+  configs = [settings.resolve(config, **overrides) for overrides in grid]
+  for c in configs:
+    settings.validate(c, runner.num_devices, len(dataset.train_labels))
+  code = results.code_version(script)
+  work = (results.Workdir(workdir, experiment, resume=config.resume, overwrite=config.overwrite)
+          if workdir else None)
+  runs = {}  # run key -> [config, identity, seeds]: a grid may name one configuration twice
+  for c in configs:
+    identity = settings.identity(c, runner.num_devices)
+    runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(range(c.seeds))
+  finished = _reusable(work, runs, code, config.on_code_change, save_states)
+  todo = [(key, c, identity, sorted(s for s in seeds if (key, s) not in finished))
+          for key, (c, identity, seeds) in runs.items()]
+  todo = [t for t in todo if t[3]]
+  total, missing = sum(len(r[2]) for r in runs.values()), sum(len(t[3]) for t in todo)
+  if work and results.is_writer():
+    print(f'{workdir}: {total - missing} of {total} runs finished before; training {missing} '
+          f'runs in {len(todo)} configurations.', flush=True)
+
+  device_data = train.DeviceData.put(dataset, runner)
+  data_parallel = isinstance(runner, parallel.DataParallel)
+  devices = {'platform': jax.default_backend(), 'count': runner.num_devices,
+             'processes': jax.process_count()}
+
+  def compile_one(c, seeds):
+    schedule = loop.Schedule(device_data.size('train'), c.batch_size, c.epochs, c.max_steps,
+                             c.chunk_steps, c.evals_per_epoch, runner.num_devices)
+    return loop.compile_programs(settings.make_model(c, data_parallel), device_data, schedule,
+                                 seeds=seeds, learning_rate=c.learning_rate,
+                                 eval_batch_size=c.eval_batch_size, runner=runner)
+
+  new = {}
+  with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool:
+    futures = [pool.submit(compile_one, c, seeds) for _, c, _, seeds in todo]
+    for (key, c, identity, seeds), future in zip(todo, futures):
+      checkpointer = _checkpointer(work, key, code, seeds, c) if work else None
+      t0 = time.perf_counter()
+      seed_results, states = loop.fit(
+          settings.make_model(c, data_parallel), device_data, seeds=seeds,
+          programs=future.result(), runner=runner, checkpointer=checkpointer,
+          desc=f'{c.model}/{c.norm} bs={c.batch_size}', **settings.fit_args(c))
+      wall = time.perf_counter() - t0
+      records = [results.make_record(experiment=experiment, config=c, identity=identity,
+                                     seed_result=r, code=code, wall_seconds=wall,
+                                     devices=devices) for r in seed_results]
+      if work:
+        if save_states:  # before the records: a recorded run always has its state
+          for i, seed in enumerate(seeds):
+            work.save_state(key, seed, {'params': jax.tree.map(lambda x: x[i], states.params),
+                                        'batch_stats': jax.tree.map(lambda x: x[i],
+                                                                    states.batch_stats)})
+        results.append_records(work.results_path, records)
+        if not c.keep_checkpoints and results.is_writer():
+          checkpointer.delete()
+          with contextlib.suppress(OSError):  # checkpoints/ too, when no run's are left
+            os.rmdir(os.path.dirname(checkpointer.directory))
+      new.update({(key, r['seed']): r for r in records})
+  every = {**finished, **new}
+  out = []
+  for c in configs:
+    key = results.run_key(settings.identity(c, runner.num_devices))
+    out += [every[key, s] for s in range(c.seeds)]
+  return out
+
+
+def run(config, dataset, *, experiment, runner=None, **overrides):
+  """Trains every seed of one configuration (no workdir); returns one record per seed."""
+  return sweep(config, dataset, [overrides], experiment=experiment, runner=runner)
+
+
+def _reusable(work, runs, code, on_code_change, save_states):
+  """The finished runs this sweep can use, by (run key, seed); applies `on_code_change` to
+  those made by other code."""
+  if not work:
+    return {}
+  wanted = {(key, s): work.finished[key, s] for key, (_, _, seeds) in runs.items()
+            for s in seeds if (key, s) in work.finished}
+  stale = [r for r in wanted.values() if r['code']['sources'] != code['sources']]
+  if stale and on_code_change == 'refuse':
+    raise settings.ConfigError(
+        f'{len(stale)} finished runs in {work.results_path} were made by other code (sources '
+        f'{stale[0]["code"]["sources"]}, commit {stale[0]["code"]["commit"]}; now '
+        f'{code["sources"]}): pass --config.on_code_change=retrain to train them again with '
+        'this code, --config.on_code_change=reuse to use them as they are, or use another '
+        '--workdir.')
+  if stale and on_code_change == 'retrain':
+    work.supersede(stale)
+    for r in stale:
+      del wanted[r['run_key'], r['seed']]
+  elif stale and results.is_writer():
+    print(f're-using {len(stale)} finished runs made by other code (on_code_change=reuse); '
+          'their records name their code.')
+  if save_states:
+    lost = [k for k in wanted if not os.path.exists(work.state_path(*k))]
+    if lost:
+      raise settings.ConfigError(
+          f'{len(lost)} finished runs in {work.results_path} have no saved final state (e.g. '
+          f'{work.state_path(*lost[0])}), which this experiment measures: use another '
+          '--workdir, or --config.on_code_change=retrain after deleting their records.')
+  return wanted
+
+
+def _checkpointer(work, key, code, seeds, c):
+  """The run's checkpoints: `checkpoints/<key>-<tag>`, the tag naming the code and seeds, so a
+  checkpoint of other code or other seeds is never resumed (it is deleted instead)."""
+  tag = hashlib.sha1(f'{code["sources"]} {seeds}'.encode()).hexdigest()[:8]
+  name = f'{key}-{tag}'
+  parent = os.path.dirname(work.checkpoint_dir(name))
+  if os.path.isdir(parent) and results.is_writer():
+    for other in os.listdir(parent):
+      if other.startswith(key + '-') and other != name:
+        print(f'discarding checkpoints/{other}: another code version or seed set of this run')
+        shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
+  return checkpoint.Checkpointer(work.checkpoint_dir(name), keep=c.checkpoint_keep,
+                                 every_steps=c.checkpoint_every_steps,
+                                 min_seconds=c.checkpoint_min_seconds)
