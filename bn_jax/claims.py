@@ -1,7 +1,7 @@
 """Claims made for BN, measured: effects over seeds with 95% intervals, verdicts by a stated
 rule, the BN-specific measurements the claims need (gradient norms per layer, shifted inputs,
 statistics re-estimated by a full pass, accuracy with batch statistics), and `Study`, which
-trains the runs of `experiments/claims.py` (every seed of a configuration in one program)."""
+runs the study's training through the resumable sweep."""
 
 import functools
 import math
@@ -13,10 +13,9 @@ import numpy as np
 import optax
 from scipy import stats
 
-from bn_jax import experiment
-from bn_jax import loop
 from bn_jax import results
-from bn_jax import train
+from bn_jax import settings
+from bn_jax import sweep
 
 RULE = ('effect = BN minus no BN (per seed, paired), signed so that the claim predicts > 0; '
         'supported if its 95% t-interval over seeds lies above 0, not supported if it lies '
@@ -67,7 +66,7 @@ def shift(images, a, b):
 def full_pass_batch_stats(model, variables, images):
   """BN statistics of one pass over all `images` (momentum 0, dropout off): the running
   averages a model would have if they were exactly this data's statistics."""
-  exact = model.clone(bn_momentum=0.0, dropout=0.0)
+  exact = model.clone(norm=model.norm.replace(momentum=0.0), dropout=0.0)
   _, updates = exact.apply(variables, images, train=True, mutable=['batch_stats'])
   return updates['batch_stats']
 
@@ -94,33 +93,30 @@ def _predict(model, variables, images):
 
 
 class Study:
-  """Trains the runs a claim needs (every seed in one program) and keeps the results."""
+  """The claims study's training runs, every one through the resumable sweep: recorded in the
+  workdir's results.jsonl with its final state, checkpointed, resumed after a kill, and never
+  trained twice (a second call of a finished study trains nothing)."""
 
-  def __init__(self, config, dataset):
-    self.config, self.dataset = config, dataset
-    self.data = train.DeviceData.put(dataset)
-    self.trained = {}  # run key -> (model, runs, states): claims share their runs
+  def __init__(self, config, dataset, workdir):
+    self.config, self.dataset, self.workdir = config, dataset, workdir
 
-  def fit(self, **overrides):
-    c = experiment.resolve(self.config, **overrides)
-    key = results.run_key(c)
-    if key not in self.trained:
-      experiment.validate(c, 1, len(self.dataset.train_labels))
-      model = experiment.make_model(c)
-      runs, states = loop.fit(model, self.data, seeds=range(c.seeds),
-                              learning_rate=c.learning_rate, batch_size=c.batch_size,
-                              epochs=c.epochs, max_steps=c.max_steps,
-                              evals_per_epoch=c.evals_per_epoch, progress=False)
-      self.trained[key] = model, runs, states
-    return self.trained[key]
+  def runs(self, grid):
+    """Trains what is missing of `grid` (a list of overrides of the config); returns, per grid
+    entry, its records (seeds in order)."""
+    records = sweep.sweep(self.config, self.dataset, grid, experiment='claims',
+                          workdir=self.workdir, save_states=True)
+    n = self.config.seeds
+    return [records[i * n:(i + 1) * n] for i in range(len(grid))]
 
-  def final(self, name, **overrides):
-    """Per seed: a final metric (NaN for diverged runs)."""
-    _, runs, _ = self.fit(**overrides)
-    return np.array([r['final'][name] if r['status'] == 'ok' else np.nan for r in runs])
+  def model(self, **overrides):
+    """The model of the configuration `overrides` describe."""
+    return settings.make_model(settings.resolve(self.config, **overrides))
+
+  def variables(self, record):
+    """A run's final variables {'params', 'batch_stats'}."""
+    return results.load_state(self.workdir, record)
 
 
-def seed_variables(states, s):
-  """Seed `s`'s model variables from states stacked over seeds."""
-  pick = lambda tree: jax.tree.map(lambda x: x[s], tree)
-  return {'params': pick(states.params), 'batch_stats': pick(states.batch_stats)}
+def final(records, name):
+  """Per seed: a final metric (NaN for diverged runs)."""
+  return np.array([r['final'][name] if r['status'] == 'ok' else np.nan for r in records])

@@ -1,8 +1,9 @@
 """The training loop: epochs of chunked, seed-stacked programs, validation, checkpoints.
 
-`fit` dispatches one compiled program per chunk of K steps (`train.train_chunks`), checks
-the chunk's loss for NaN/inf, validates at the schedule's eval points and saves checkpoints
-at chunk boundaries, so progress bar, metrics and checkpoints cost no host sync per step.
+`fit` dispatches one compiled program per chunk of at most K steps (`train.train_chunks`),
+checks the chunk's mean loss for divergence, validates at the schedule's eval points (every
+one ends a chunk) and saves checkpoints at chunk boundaries, so progress bar, metrics and
+checkpoints cost no host sync per step.
 """
 
 import dataclasses
@@ -24,15 +25,29 @@ from bn_jax.train import index_rows
 from bn_jax.train import init_states
 from bn_jax.train import means
 
+# A seed has diverged at the first chunk whose mean training loss (loss sum / count over the
+# chunk) is not finite or exceeds this: 100 times the loss of a uniform guess over 10 classes,
+# far above any trained or untrained net's (`fit`'s `divergence_loss` overrides it).
+DIVERGENCE_LOSS = 100 * math.log(10)
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """How an epoch is cut into dispatched chunks, and where validation happens."""
+  """How an epoch is cut into dispatched chunks, and where validation happens.
+
+  Eval points: within an epoch of S steps with E evals, validation follows step
+  floor(j * S / E + 1/2) for j = 1 .. E (halves round up; computed in integers, exact), the
+  last being S, duplicates removed (E > S gives fewer points, never two at one step); an epoch
+  a `max_steps` budget cuts short keeps its points before the cut and adds one at the cut.
+  Chunks: each runs from the current step to min(current + K, the next eval point), so every
+  eval point ends a chunk; K (`chunk_steps`, default the longest gap between eval points) is
+  the one static scan length, rows past a chunk's end being skipped.
+  """
   num_examples: int
   batch_size: int
   epochs: int = 5
   max_steps: int = 0  # a budget in steps instead of epochs (0: epochs * steps_per_epoch)
-  chunk_steps: int = 0  # K, steps per dispatched program (0: as long as the eval interval)
+  chunk_steps: int = 0  # K, steps per dispatched program (0: the longest eval interval)
   evals_per_epoch: int = 1
   num_devices: int = 1  # several: the last partial batch is dropped (see README)
 
@@ -64,18 +79,47 @@ class Schedule:
     return math.ceil(self.total_steps / self.steps_per_epoch)
 
   @property
+  def eval_steps(self):
+    """A whole epoch's eval points (steps within the epoch, 1 .. S), ascending."""
+    s, e = self.steps_per_epoch, self.evals_per_epoch
+    # floor(j*S/E + 1/2) = (2*j*S + E) // (2*E); j >= 1 can round to 0 only when E > 2*S.
+    return tuple(sorted({(2 * j * s + e) // (2 * e) for j in range(1, e + 1)} - {0}))
+
+  @property
   def k(self):
-    interval = max(1, self.steps_per_epoch // self.evals_per_epoch)
+    """Steps per dispatched program: `chunk_steps`, or the longest gap between eval points."""
+    points = (0,) + self.eval_steps
+    interval = max(b - a for a, b in zip(points, points[1:]))
     return min(self.chunk_steps or interval, self.steps_per_epoch)
+
+  def epoch_stop(self, epoch):
+    """Steps trained in `epoch` (0-based): S, or fewer where the step budget ends."""
+    return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+  def epoch_eval_steps(self, epoch):
+    """`epoch`'s eval points (steps within it): `eval_steps`, cut at the budget's end."""
+    stop = self.epoch_stop(epoch)
+    return tuple(p for p in self.eval_steps if p < stop) + (stop,)
+
+  def chunks(self, epoch, start=0):
+    """`epoch`'s chunks from step `start` on, as (start, end) steps within the epoch: each
+    ends at min(start + K, the next eval point)."""
+    bounds = []
+    for point in self.epoch_eval_steps(epoch):
+      while start < point:
+        bounds.append((start, min(start + self.k, point)))
+        start = bounds[-1][1]
+    return tuple(bounds)
 
   @property
   def chunks_per_epoch(self):
-    return math.ceil(self.steps_per_epoch / self.k)
+    return len(self.chunks(0))
 
-  def evaluates_after(self, chunk):
-    """Validate after this chunk: the last of the epoch, or one crossing an eval point."""
-    s, e, k = self.steps_per_epoch, self.evals_per_epoch, self.k
-    return chunk == self.chunks_per_epoch - 1 or (chunk + 1) * k * e // s > chunk * k * e // s
+  @property
+  def order_rows(self):
+    """Rows of an epoch's order: every chunk's scan reads rows start .. start + K - 1."""
+    epochs = {0, max(self.num_epochs - 1, 0)}  # a whole epoch; the budget's last one
+    return max([self.k] + [a + self.k for e in epochs for a, _ in self.chunks(e)])
 
   @property
   def examples_per_epoch(self):
@@ -108,7 +152,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   states = runner.put(jax.device_get(init_states(
       model, keys[:, 0], learning_rate, (1,) + data.image_shape)))
   order = runner.abstract(
-      (len(seeds), schedule.chunks_per_epoch * schedule.k, schedule.batch_size), jnp.int32,
+      (len(seeds), schedule.order_rows, schedule.batch_size), jnp.int32,
       split_last=True)
   runner.train_chunks.lower(states, data.arrays, order, runner.put(keys[:, 1]), 0, 0,
                             schedule.k).compile()
@@ -120,13 +164,21 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
-        programs=None, runner=ONE_DEVICE, checkpointer=None):
+        programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
   batches in train mode, validation loss/accuracy at the epoch's end, seconds), `curve`
   (validation at every eval point, with steps and examples seen), `final` (last epoch's
   numbers, test metrics, and eval-mode metrics over the whole training set) and `status`.
+  Validation runs at the `Schedule`'s eval points: after step floor(j * S / E + 1/2) of each
+  epoch of S steps, j = 1 .. E = `evals_per_epoch` (duplicates removed, the last at the
+  epoch's end), and at the last step where `max_steps` ends an epoch early.
+  Divergence: a seed has diverged (`status` 'diverged', `diverged_at` its epoch and step) at
+  the first chunk whose mean training loss (loss sum / count over the chunk) is not finite or
+  exceeds `divergence_loss` (default `DIVERGENCE_LOSS` = 100 ln 10, 100 times the loss of a
+  uniform guess over 10 classes); once every seed has diverged, training stops after that
+  epoch.
   `runner` (default: one device) decides where the programs run; `parallel.DataParallel`
   runs them over several devices and hosts. Returned states are host (numpy) arrays.
   With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
@@ -150,19 +202,19 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   n = len(seeds)
   history, curve, diverged_at = [[] for _ in seeds], [[] for _ in seeds], [None] * n
   zero_sums = runner.put({key: np.zeros(n, np.float32) for key in ('loss', 'correct', 'count')})
-  epoch_sums, step, start_epoch, start_chunk = zero_sums, 0, 0, 0
+  epoch_sums, step, start_epoch, start_offset = zero_sums, 0, 0, 0
   if checkpointer:  # resume from the newest good checkpoint, if any
     restored = checkpointer.restore(
         checkpoint.abstract({'states': states, 'epoch_sums': zero_sums}))
     if restored:
       arrays, meta = restored
       states, epoch_sums = arrays['states'], arrays['epoch_sums']
-      step, start_epoch, start_chunk = meta['step'], meta['epoch'], meta['chunk']
+      step, start_epoch, start_offset = meta['step'], meta['epoch'], meta['epoch_step']
       history, curve, diverged_at = meta['history'], meta['curve'], meta['diverged_at']
   last_saved = step
 
-  def save(next_epoch, next_chunk):
-    meta = {'step': step, 'epoch': next_epoch, 'chunk': next_chunk, 'history': history,
+  def save(next_epoch, next_offset):  # where to go on: an epoch, a step within it
+    meta = {'step': step, 'epoch': next_epoch, 'epoch_step': next_offset, 'history': history,
             'curve': curve, 'diverged_at': diverged_at}
     checkpointer.save(step, {'states': states, 'epoch_sums': epoch_sums}, meta)
     return step
@@ -175,34 +227,33 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
         break  # every seed diverged: nothing left to learn
       t_epoch = time.perf_counter()
       order = np.stack([epoch_order(seed, epoch, num_examples=sched.num_examples,
-                                    batch_size=batch_size,
-                                    num_rows=sched.chunks_per_epoch * sched.k)
+                                    batch_size=batch_size, num_rows=sched.order_rows)
                         for seed in seeds])
       order = runner.put(order, split_last=True)
       epoch_start = epoch * sched.steps_per_epoch
-      stop = min(sched.steps_per_epoch, sched.total_steps - epoch_start)  # later rows: skipped
-      first = start_chunk if epoch == start_epoch else 0
+      stop, evals = sched.epoch_stop(epoch), sched.epoch_eval_steps(epoch)
+      first = start_offset if epoch == start_epoch else 0
       epoch_sums = epoch_sums if first else zero_sums
-      for c in range(first, sched.chunks_per_epoch):
-        if c * sched.k >= stop:
-          break
-        states, sums = runner.train_chunks(states, data.arrays, order, rngs, c * sched.k, stop,
+      for begin, end in sched.chunks(epoch, first):
+        # One program of K steps for every chunk: rows from `end` on are skipped.
+        states, sums = runner.train_chunks(states, data.arrays, order, rngs, begin, end,
                                            sched.k)
         epoch_sums = jax.tree.map(jnp.add, epoch_sums, sums)
-        done = min((c + 1) * sched.k, stop)
-        bar.update(epoch_start + done - step)
-        step = epoch_start + done
-        # One host sync per chunk: a NaN/inf check on the chunk's loss sums.
-        for s in np.flatnonzero(~np.isfinite(runner.get(sums['loss']))):
+        bar.update(epoch_start + end - step)
+        step = epoch_start + end
+        # One host sync per chunk: the divergence check on the chunk's mean loss.
+        chunk = runner.get({'loss': sums['loss'], 'count': sums['count']})
+        mean_loss = chunk['loss'] / np.maximum(chunk['count'], 1.0)
+        for s in np.flatnonzero(~(mean_loss <= divergence_loss)):  # NaN compares False
           diverged_at[s] = diverged_at[s] or {'epoch': epoch + 1, 'step': step}
-        if sched.evaluates_after(c) or done == stop:
+        if end in evals:
           val = evaluate_split('val')
           for s in range(n):
             curve[s].append({'step': step, 'examples': sched.examples_after(step),
                              'val_loss': float(val['loss'][s]),
                              'val_accuracy': float(val['accuracy'][s])})
-        if done < stop and checkpointer and checkpointer.due(step, last_saved, False):
-          last_saved = save(epoch, c + 1)
+        if end < stop and checkpointer and checkpointer.due(step, last_saved, False):
+          last_saved = save(epoch, end)
       train = means(runner.get(epoch_sums))
       seconds = time.perf_counter() - t_epoch
       for s in range(n):

@@ -1,18 +1,30 @@
-"""Flax linen models whose normalization is a switch: `norm='none' | 'batch' | 'ghost'`.
+"""Flax linen models that receive their normalization as a norm constructor.
+
+`MLP(norm=...)` and `CNN(norm=...)` take `norm`, a callable that builds a norm module,
+`norm(use_running_average=not train)(x, mask=...)`, as Flax's examples/imagenet passes
+`partial(nn.BatchNorm, ...)`; `None` means no normalization (the layer before keeps its bias).
+`norm_layer(kind, ...)` is the one place that turns the setting `'none' | 'batch' | 'ghost'`
+into that constructor; its constructors compare and hash equal for equal settings (models are
+static arguments of jitted functions) and change settings with `.replace(momentum=0.0)`.
+`create_model(name, norm=..., bn_momentum=..., ...)` builds a model by name from the settings.
 
 BatchNorm keeps its running mean and variance in the mutable `batch_stats` collection:
 `train=True` normalizes with the batch's statistics and updates the running averages,
 `train=False` uses the running averages. `mask` marks the real examples of a padded batch, so
-padding never enters the batch statistics. `ghost` normalizes each group of `group_size`
-consecutive examples by the group's own statistics (ghost / virtual BN, Hoffer et al. 2017),
-which separates the BN statistics batch from the optimization batch.
+padding never enters the batch statistics (the models pass it to the norm in train mode only,
+shaped (B, 1, ..., 1) as `nn.BatchNorm` takes it). `ghost` normalizes each group of
+`group_size` consecutive examples by the group's own statistics (ghost / virtual BN, Hoffer et
+al. 2017), which separates the BN statistics batch from the optimization batch. Its variables
+have `nn.BatchNorm`'s names (`BatchNorm_<i>`: params scale/bias, batch_stats mean/var), so a
+batch and a ghost model have the same variable tree.
 
 The CNN's 3x3 convolutions are `nn.Conv` layers computed as patches x kernel matmuls on CPU
 (`patch_conv`): XLA's CPU convolutions are ~17x slower inside a loop body (the `lax.scan` of
 `train_chunk`; jax-ml/jax#12868) because their gradients stay in non-canonical layouts there.
 """
 
-from typing import Optional, Sequence
+import dataclasses
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -67,41 +79,88 @@ class GhostBatchNorm(nn.Module):
     return y.reshape(x.shape) * scale + bias
 
 
-class Norm(nn.Module):
-  """Identity (`none`), `nn.BatchNorm` (`batch`) or `GhostBatchNorm` (`ghost`)."""
-  norm: str = 'batch'
+class _GhostBatchNormAsBatchNorm(GhostBatchNorm):
+  """`GhostBatchNorm` that Flax auto-names like `nn.BatchNorm` (`BatchNorm_<i>`): Flax names an
+  unnamed submodule after its class's `__name__`."""
+
+
+_GhostBatchNormAsBatchNorm.__name__ = 'BatchNorm'
+
+
+class _NormLayer:
+  """Base of the norm constructors: frozen dataclasses, so equal settings compare and hash
+  equal (a model holding one is a static argument of jitted functions)."""
+
+  def replace(self, **changes):
+    """This constructor with some settings changed, e.g. `replace(momentum=0.0)`."""
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormLayer(_NormLayer):
+  """Builds `nn.BatchNorm(use_running_average, momentum, epsilon, axis_name)`."""
   momentum: float = 0.99
   epsilon: float = 1e-3
   axis_name: Optional[str] = None  # set for BN statistics synced across devices
-  group_size: int = 0  # examples per ghost-BN group
 
-  @nn.compact
-  def __call__(self, x, *, train, mask=None):
-    if self.norm == 'none':
-      return x
-    if self.norm == 'ghost':
-      return GhostBatchNorm(self.group_size, not train, self.momentum, self.epsilon,
-                            name='BatchNorm')(x, mask=mask)
-    if self.norm != 'batch':
-      raise ValueError(f'unknown norm {self.norm!r}: choose one of {NORMS}.')
-    if mask is not None:  # (B,) -> broadcastable to x: (B, 1, ..., 1)
-      mask = mask.reshape(mask.shape + (1,) * (x.ndim - 1)).astype(bool)
-    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                        epsilon=self.epsilon, axis_name=self.axis_name,
-                        name='BatchNorm')(x, mask=mask if train else None)
+  def __call__(self, use_running_average, **kwargs):
+    return nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
+                        epsilon=self.epsilon, axis_name=self.axis_name, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostBatchNormLayer(_NormLayer):
+  """Builds `GhostBatchNorm(group_size, use_running_average, momentum, epsilon)`, named as
+  `nn.BatchNorm` would be in its place."""
+  group_size: int  # examples per ghost-BN group
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+
+  def __post_init__(self):
+    if self.group_size <= 0:
+      raise ValueError("norm='ghost' needs bn_group_size > 0, the examples per BN group "
+                       f'(got group_size={self.group_size}).')
+
+  def __call__(self, use_running_average, **kwargs):
+    return _GhostBatchNormAsBatchNorm(self.group_size, use_running_average, self.momentum,
+                                      self.epsilon, **kwargs)
+
+
+def norm_layer(kind, *, momentum=0.99, epsilon=1e-3, axis_name=None, group_size=0):
+  """The norm constructor for `kind` ('none' | 'batch' | 'ghost'): None for 'none'.
+
+  'batch' is `nn.BatchNorm` with statistics synced over `axis_name` when set (`group_size` is
+  unused); 'ghost' is `GhostBatchNorm` over groups of `group_size` > 0 examples (its
+  statistics are each device's own: `axis_name` is unused).
+  """
+  if kind == 'none':
+    return None
+  if kind == 'batch':
+    return BatchNormLayer(momentum, epsilon, axis_name)
+  if kind == 'ghost':
+    return GhostBatchNormLayer(group_size, momentum, epsilon)
+  raise ValueError(f'unknown norm {kind!r}: choose one of {NORMS}.')
+
+
+def _normalize(norm, x, train, mask):
+  """`norm(...)(x)`, the example mask (B,) passed as (B, 1, ..., 1) bool in train mode only;
+  `x` itself when `norm` is None."""
+  if norm is None:
+    return x
+  if not train:
+    mask = None
+  elif mask is not None:  # (B,) -> broadcastable to x: (B, 1, ..., 1)
+    mask = mask.reshape(mask.shape + (1,) * (x.ndim - 1)).astype(bool)
+  return norm(use_running_average=not train)(x, mask=mask)
 
 
 class MLP(nn.Module):
   """Flatten -> [Dense(h) -> norm -> activation -> Dropout] per hidden layer -> Dense(classes)."""
   hidden: Sequence[int] = (128,)
   num_classes: int = 10
-  norm: str = 'batch'
+  norm: Optional[Callable] = None  # a norm constructor (see norm_layer); None: no norm
   dropout: float = 0.2
   activation: str = 'relu'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  bn_axis_name: Optional[str] = None
-  bn_group_size: int = 0  # for norm='ghost'
   init_scale: float = 1.0  # hidden weights at init: this times LeCun-normal
 
   @nn.compact
@@ -112,10 +171,8 @@ class MLP(nn.Module):
     for width in self.hidden:
       # No bias before BN: BN subtracts it again, so its gradient is rounding noise, which
       # Adam would blow up into random steps (the original Keras model had the redundant bias).
-      x = nn.Dense(width, use_bias=self.norm == 'none', kernel_init=init)(x)
-      x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
-               self.bn_group_size)(
-          x, train=train, mask=mask)
+      x = nn.Dense(width, use_bias=self.norm is None, kernel_init=init)(x)
+      x = _normalize(self.norm, x, train, mask)
       x = act(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
@@ -164,13 +221,9 @@ class CNN(nn.Module):
   pools: int = 2
   dense: int = 128
   num_classes: int = 10
-  norm: str = 'batch'
+  norm: Optional[Callable] = None  # a norm constructor (see norm_layer); None: no norm
   dropout: float = 0.2
   activation: str = 'relu'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  bn_axis_name: Optional[str] = None
-  bn_group_size: int = 0  # for norm='ghost'
   init_scale: float = 1.0  # conv and hidden Dense weights at init: this times LeCun-normal
   conv: str = 'auto'  # 'patches' (patch_conv) | 'xla' | 'auto': patches on CPU, else xla
 
@@ -183,11 +236,9 @@ class CNN(nn.Module):
     patches = self.conv == 'patches' or (self.conv == 'auto' and jax.default_backend() == 'cpu')
     conv = patch_conv if patches else None  # None: nn.Conv's own lax.conv_general_dilated
     for i, width in enumerate(self.features):
-      x = nn.Conv(width, (3, 3), use_bias=self.norm == 'none', kernel_init=init,
+      x = nn.Conv(width, (3, 3), use_bias=self.norm is None, kernel_init=init,
                   conv_general_dilated=conv)(x)
-      x = Norm(self.norm, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
-               self.bn_group_size)(
-          x, train=train, mask=mask)  # BN on conv maps: statistics per channel
+      x = _normalize(self.norm, x, train, mask)  # BN on conv maps: statistics per channel
       x = act(x)
       if i < self.pools:
         x = max_pool_2x2(x)
@@ -200,15 +251,15 @@ class CNN(nn.Module):
 MODELS = {'mlp': MLP, 'cnn': CNN}
 
 
-def create_model(name='mlp', **kwargs):
-  """Builds a model by name ('mlp' or 'cnn') with keyword overrides."""
+def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
+                 bn_axis_name=None, bn_group_size=0, **kwargs):
+  """Builds a model by name ('mlp' or 'cnn') normalized by `norm_layer(norm, ...)` ('none' |
+  'batch' | 'ghost'), with keyword overrides of its other fields."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}: choose one of {tuple(MODELS)}.')
-  if kwargs.get('norm', 'batch') not in NORMS:
-    raise ValueError(f'unknown norm {kwargs["norm"]!r}: choose one of {NORMS}.')
-  if kwargs.get('norm') == 'ghost' and kwargs.get('bn_group_size', 0) <= 0:
-    raise ValueError("norm='ghost' needs bn_group_size > 0, the examples per BN group.")
-  return MODELS[name](**kwargs)
+  layer = norm_layer(norm, momentum=bn_momentum, epsilon=bn_epsilon, axis_name=bn_axis_name,
+                     group_size=bn_group_size)
+  return MODELS[name](norm=layer, **kwargs)
 
 
 def _activation(name):

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from bn_jax import data, experiment, train  # pylint: disable=g-multiple-import
+from bn_jax import data, settings, sweep, train  # pylint: disable=g-multiple-import
 
 
 class CountingChunks:
@@ -30,7 +30,7 @@ class CountingChunks:
 
 
 workdir, kill_after = sys.argv[1], int(sys.argv[2])
-config = experiment.base_config()
+config = settings.base_config()
 # 300 examples, batch 32: 10 steps an epoch in 4 chunks (3, 3, 3, 1); 3 epochs; 2 configs.
 config.update(data='synthetic:400', val_fraction=0.25, seeds=2, epochs=3, batch_size=32,
               hidden=(16,), chunk_steps=3, checkpoint_every_steps=4, checkpoint_min_seconds=0,
@@ -38,7 +38,7 @@ config.update(data='synthetic:400', val_fraction=0.25, seeds=2, epochs=3, batch_
               compilation_cache=False)
 runner = train.OneDevice()
 runner.train_chunks = CountingChunks(kill_after)
-experiment.sweep(config, data.load(config.data, val_fraction=config.val_fraction),
+sweep.sweep(config, data.load(config.data, val_fraction=config.val_fraction),
                  [{'norm': 'batch'}, {'norm': 'none'}], experiment='kill_test',
                  workdir=workdir, runner=runner)
 print('chunks run:', runner.train_chunks.calls)

@@ -27,7 +27,8 @@ class FailAfter(train.OneDevice):
 
 
 def _fit(dataset, directory, runner=train.ONE_DEVICE):
-  # 300 examples, batch 32: 10 steps an epoch in chunks of 3 (3, 3, 3, 1); 3 epochs = 30 steps.
+  # 300 examples, batch 32: 10 steps an epoch, evals after 5 and 10, so chunks of at most 3
+  # end at 3, 5, 8, 10; 3 epochs = 30 steps.
   model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
   data = train.DeviceData.put(dataset)
   sched = loop.Schedule(300, 32, epochs=3, chunk_steps=3, evals_per_epoch=2)
@@ -58,9 +59,9 @@ def test_resume_after_a_fault_gives_the_uninterrupted_result(small_dataset, tmp_
   with pytest.raises(RuntimeError, match='injected fault'):
     _fit(small_dataset, tmp_path, runner=FailAfter(9))  # dies in epoch 3
   steps = sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit())
-  # Chunk ends at steps 3, 6, 9, 10 | 13, 16, 19, 20 | 23 (then the fault). Saved: every 4
-  # steps at a chunk boundary (6, 16) and at epoch ends (10, 20); the last 3 are kept.
-  assert steps == [10, 16, 20]
+  # Chunk ends at steps 3, 5, 8, 10 | 13, 15, 18, 20 | 23 (then the fault). Saved: every 4
+  # steps at a chunk boundary (5, 15) and at epoch ends (10, 20); the last 3 are kept.
+  assert steps == [10, 15, 20]
   counting = FailAfter(10**6)
   resumed = _fit(small_dataset, tmp_path, runner=counting)
   assert counting.calls == 4  # only epoch 3 ran again

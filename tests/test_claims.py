@@ -2,8 +2,10 @@
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,11 @@ import optax
 import pytest
 
 from bn_jax import claims
-from bn_jax import experiment
+from bn_jax import loop
 from bn_jax import models
+from bn_jax import results
+from bn_jax import settings
+from bn_jax import sweep
 
 
 def test_effect_interval_in_closed_form():
@@ -52,7 +57,7 @@ def test_shift_by_one_and_zero_reproduces_the_unshifted_accuracy():
 
 def test_reestimated_statistics_equal_a_full_pass_by_hand():
   model, variables, x, _ = _mlp(norm='batch')
-  stats = claims.full_pass_batch_stats(model, variables, x)['Norm_0']['BatchNorm']
+  stats = claims.full_pass_batch_stats(model, variables, x)['BatchNorm_0']
   h = np.asarray(x).reshape(40, -1) @ np.asarray(variables['params']['Dense_0']['kernel'])
   np.testing.assert_allclose(stats['mean'], h.mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(stats['var'], h.var(0), rtol=1e-4, atol=1e-6)
@@ -93,15 +98,24 @@ def test_layer_gradient_norms_of_a_cnn_run_from_input_to_output():
                              rtol=1e-6)
 
 
-def test_study_trains_each_configuration_once():
-  config = experiment.base_config()
-  config.update(data='synthetic:200', seeds=2, epochs=1, progress=False,
-                compilation_cache=False)
-  study = claims.Study(config, experiment.load_data(config))
-  first = study.fit(norm='none', learning_rate=1e-3)
-  assert study.fit(norm='none') is first  # learning_rate=1e-3 is the default: the same run
-  assert study.fit(norm='batch') is not first
-  assert len(study.trained) == 2
+def test_study_trains_through_the_sweep_once_and_keeps_final_states(tmp_path, monkeypatch):
+  config = settings.base_config()
+  config.update(data='synthetic:200', seeds=2, epochs=1, progress=False, hidden=(8,),
+                compilation_cache=False, devices=1)
+  trained = []
+  fit = loop.fit
+  monkeypatch.setattr(loop, 'fit', lambda *a, **k: trained.append(k['seeds']) or fit(*a, **k))
+  study = claims.Study(config, sweep.load_data(config), str(tmp_path))
+  first = study.runs([{'norm': 'none', 'learning_rate': 1e-3}, {'norm': 'batch'}])
+  assert [[r['seed'] for r in rs] for rs in first] == [[0, 1], [0, 1]]
+  again = claims.Study(config, sweep.load_data(config), str(tmp_path)).runs([{'norm': 'none'}])
+  assert again[0] == first[0] and trained == [[0, 1], [0, 1]]  # the default rate: same run
+  variables = study.variables(first[1][1])
+  model = study.model(norm='batch')
+  x = study.dataset.val_images
+  # The saved state is the run's: it reproduces its validation accuracy (1/20 per example).
+  assert claims.accuracy(model, variables, x, study.dataset.val_labels) == pytest.approx(
+      first[1][1]['final']['val_accuracy'], abs=1e-6)
 
 
 def test_claims_script_cnn_depth_quick(tmp_path):
@@ -135,3 +149,50 @@ def test_claims_script_quick_mode_end_to_end(tmp_path):
   assert 'Verdict rule:' in table
   for name in ('lr', 'init', 'depth', 'regularization', 'shift', 'overhead', 'inference'):
     assert (tmp_path / 'claims' / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def _verdict_rows(workdir):
+  return [line for line in (workdir / 'claims.md').read_text().splitlines()
+          if line.startswith('| ') and 'claim |' not in line]
+
+
+@pytest.mark.slow
+def test_claims_killed_midway_resume_to_the_same_table_then_train_nothing(tmp_path):
+  flags = ('--config.claims=lr,regularization,shift',)
+  clean = _run_script(tmp_path / 'clean', *flags)
+  assert clean.returncode == 0, clean.stderr[-3000:]
+  killed = tmp_path / 'killed'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.Popen([sys.executable, os.path.join(root, 'experiments', 'claims.py'),
+                           f'--workdir={killed}', '--config.quick=true',
+                           '--config.compilation_cache=false', *flags],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+  results_path = killed / 'results.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:  # kill once 2 of its 12 runs are in
+    if results_path.exists() and len(results.read_records(results_path)) >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  done = len(results.read_records(results_path))
+  assert 2 <= done < 12, done
+  resumed = _run_script(killed, *flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'{min(done, 8)} of 8 runs finished before' in resumed.stdout  # lr's 8 runs first
+  assert _verdict_rows(killed) == _verdict_rows(tmp_path / 'clean')
+  third = _run_script(killed, *flags)
+  assert third.returncode == 0 and 'training 0 runs' in third.stdout
+  assert 'runs in 1 configurations' not in third.stdout and _verdict_rows(killed) == (
+      _verdict_rows(tmp_path / 'clean'))
+  keys = [(r['run_key'], r['seed']) for r in results.read_records(results_path)]
+  assert len(keys) == 12 and len(set(keys)) == 12
+
+
+def test_quick_preset_yields_to_command_line_flags(tmp_path):
+  out = _run_script(tmp_path, '--config.seeds=5', '--config.claims=shift')
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = results.read_records(tmp_path / 'results.jsonl')
+  assert sorted(r['seed'] for r in records) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+  assert {r['data'] for r in records} == {'synthetic:800'}  # the rest of the preset holds

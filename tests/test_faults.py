@@ -1,19 +1,19 @@
-"""Faults and bad input at the level of a sweep: kill -9 and resume, divergence, checks."""
+"""Faults at the level of a sweep: kill -9 and resume, divergence, bad input on the command
+line (the checks themselves are in test_settings.py)."""
 
 import json
 import os
 import subprocess
 import sys
-import warnings
-
 import pytest
 
 from bn_jax import data
-from bn_jax import experiment
+from bn_jax import settings
+from bn_jax import sweep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user runs
-VOLATILE = ('wall_seconds', 'compile_seconds')
+VOLATILE = ('wall_seconds', 'compile_seconds', 'finished')
 
 
 def _sweep(workdir, kill_after=0):
@@ -55,10 +55,10 @@ def test_killed_sweep_resumes_runs_only_what_is_unfinished_and_matches(tmp_path)
 
 
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
-  config = experiment.base_config()
+  config = settings.base_config()
   config.update(data='synthetic:400', val_fraction=0.25, seeds=1, epochs=2, hidden=(16,),
                 norm='none', progress=False, compilation_cache=False, devices=1)
-  records = experiment.sweep(config, data.load(config.data, val_fraction=0.25),
+  records = sweep.sweep(config, data.load(config.data, val_fraction=0.25),
                              [{'learning_rate': 1e30}, {'learning_rate': 1e-3}],
                              experiment='t', workdir=str(tmp_path))
   assert [r['status'] for r in records] == ['diverged', 'ok']
@@ -70,55 +70,17 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
   assert on_disk == ['diverged', 'ok']
 
 
-def _validate(**overrides):
-  devices = overrides.pop('devices', 1)
-  experiment.validate(experiment.resolve(experiment.base_config(), **overrides), devices)
-
-
-@pytest.mark.parametrize('overrides, message', [
-    ({'epochs': -1}, 'epochs must be >= 0, got -1'),
-    ({'epochs': 0}, 'nothing to train'),
-    ({'batch_size': 0}, r'batch_size must be in \[1, the training set size\], got 0'),
-    ({'model': 'resnet'}, "unknown model 'resnet'"),
-    ({'norm': 'layer'}, "unknown norm 'layer'"),
-    ({'bn_stats': 'ghost'}, "bn_stats='ghost' needs --config.bn_group_size"),
-    ({'learning_rate': -0.1}, 'learning_rate must be a positive number'),
-    ({'learning_rate': float('nan')}, 'learning_rate must be a positive number'),
-    ({'seeds': 0}, 'seeds must be >= 1'),
-    ({'batch_size': 1}, 'BatchNorm over a single example'),
-    ({'bn_stats': 'ghost', 'bn_group_size': 1}, 'BatchNorm over a single example'),
-    ({'bn_stats': 'local', 'batch_size': 8, 'devices': 8}, 'BatchNorm over a single example'),
-    ({'bn_stats': 'ghost', 'bn_group_size': 5}, 'bn_group_size=5 must divide the batch of 32'),
-    ({'batch_size': 36, 'devices': 8}, 'batch_size 36 is not divisible by the 8 devices'),
-    ({'bn_stats': 'global'}, "unknown bn_stats 'global'"),
-    ({'model': 'cnn', 'features': ()}, r'features must list at least one positive width for '
-     r'the cnn, got \(\)'),
-    ({'model': 'cnn', 'features': (32, -1)}, 'features must list at least one positive'),
-    ({'hidden': (0,)}, 'hidden must list at least one positive width for the mlp'),
-])
-def test_bad_settings_fail_before_training(overrides, message):
-  with pytest.raises(ValueError, match=message):
-    _validate(**overrides)
-
-
-def test_bn_batch_of_one_can_be_allowed_with_a_loud_warning():
-  with pytest.warns(UserWarning, match='BatchNorm over a single example'):
-    _validate(batch_size=1, bn_batch_of_one='warn')
-  with warnings.catch_warnings():
-    warnings.simplefilter('error')
-    _validate(batch_size=1, norm='none')  # no BN: nothing to warn about
-
-
 def test_batch_larger_than_the_training_set_is_refused(tmp_path):
-  config = experiment.base_config()
+  config = settings.base_config()
   config.update(data='synthetic:400', batch_size=1000, progress=False, compilation_cache=False,
                 devices=1)
-  with pytest.raises(ValueError, match=r'batch_size must be in \[1, 360\]'):
-    experiment.sweep(config, data.load(config.data), [{}], experiment='t')
+  with pytest.raises(settings.ConfigError, match=r'batch_size must be in \[1, 360\]'):
+    sweep.sweep(config, data.load(config.data), [{}], experiment='t', workdir=str(tmp_path))
+  assert not os.listdir(tmp_path)  # refused before the workdir was touched
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--config.batchsize=3', 'Did you mean "batch_size"'),
+    ('--config.batchsize=3', 'did you mean --config.batch_size?'),
     ('--config.learning_rate=abc', "could not convert string to float: 'abc'"),
     ('--config.data=mnist', "unknown data spec 'mnist'"),
     ('--config.model=resnet', "unknown model 'resnet'"),

@@ -73,21 +73,99 @@ def test_divergence_is_detected_at_a_chunk_boundary(small_dataset):
 
 
 def test_schedule_chunks_and_eval_points():
-  # 300 examples, batch 32: 10 steps an epoch; 4 evals an epoch -> chunks of 10 // 4 = 2
-  # steps, evaluating after the chunks that cross 2.5, 5, 7.5 and 10 steps.
+  # 300 examples, batch 32: 10 steps an epoch; 4 evals an epoch after steps
+  # floor(2.5 + 1/2) = 3, 5, floor(7.5 + 1/2) = 8 and 10; K = the longest gap, 3.
   sched = loop.Schedule(300, 32, epochs=2, evals_per_epoch=4)
-  assert (sched.steps_per_epoch, sched.k, sched.chunks_per_epoch) == (10, 2, 5)
-  assert [sched.evaluates_after(c) for c in range(5)] == [False, True, True, True, True]
+  assert sched.steps_per_epoch == 10 and sched.eval_steps == (3, 5, 8, 10)
+  assert (sched.k, sched.chunks_per_epoch) == (3, 4)
+  assert sched.chunks(0) == sched.chunks(1) == ((0, 3), (3, 5), (5, 8), (8, 10))
+  assert sched.chunks(0, 5) == ((5, 8), (8, 10))  # resuming within an epoch
+  assert sched.order_rows == 11  # the last chunk's scan reads rows 8 .. 10
   assert sched.total_steps == 20 and sched.num_epochs == 2
   assert [sched.examples_after(s) for s in (0, 3, 9, 10, 11, 20)] == [0, 96, 288, 300, 332, 600]
-  # Chunks of 2 with 2 evals an epoch: evaluate after steps 6 (crossing 5) and 10.
+  # Chunks of 2 with 2 evals an epoch: chunks also end at the eval point 5.
   sched = loop.Schedule(300, 32, chunk_steps=2, evals_per_epoch=2)
-  assert [sched.evaluates_after(c) for c in range(5)] == [False, False, True, False, True]
+  assert sched.eval_steps == (5, 10) and sched.k == 2
+  assert sched.chunks(0) == ((0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 10))
   budget = loop.Schedule(300, 32, epochs=5, max_steps=13)
   assert budget.total_steps == 13 and budget.num_epochs == 2
   for bad in ({'epochs': -1}, {'max_steps': -2}, {'evals_per_epoch': 0}):
     with pytest.raises(ValueError):
       loop.Schedule(300, 32, **bad)
+
+
+def test_eval_steps_round_half_up_without_duplicates():
+  # batch 1: S = the number of examples. Eval j after step floor(j * S / E + 1/2).
+  sched = loop.Schedule(3375, 1, evals_per_epoch=4)
+  # 843.75 -> 844, 1687.5 -> 1688, 2531.25 -> 2531, 3375.
+  assert sched.eval_steps == (844, 1688, 2531, 3375)
+  assert sched.k == 844  # the longest gap (1688 - 844, 2531 - 1688 = 843, 3375 - 2531 = 844)
+  assert sched.chunks(0) == ((0, 844), (844, 1688), (1688, 2531), (2531, 3375))
+  # 4.25 -> 4, 8.5 -> 9 (halves round up, where Python's round would give 8), 12.75 -> 13.
+  sched = loop.Schedule(17, 1, evals_per_epoch=4)
+  assert sched.eval_steps == (4, 9, 13, 17) and sched.k == 5
+  assert sched.chunks(0) == ((0, 4), (4, 9), (9, 13), (13, 17))
+  # More evals than steps: 0.6 -> 1, 1.2 -> 1, 1.8 -> 2, 2.4 -> 2, 3: each step once.
+  sched = loop.Schedule(3, 1, evals_per_epoch=5)
+  assert sched.eval_steps == (1, 2, 3) and sched.chunks(0) == ((0, 1), (1, 2), (2, 3))
+  # 1/3 and 2/3 of a step round to 0 and 1: step 0 is no eval point.
+  assert loop.Schedule(1, 1, evals_per_epoch=3).eval_steps == (1,)
+
+
+def test_eval_steps_of_an_epoch_the_budget_cuts_short():
+  # 10 steps an epoch, evals after 3, 7, 10 (10/3 -> 3, 20/3 -> 7); 26 steps: epoch 3 ends
+  # after step 6 of its 10, so it evaluates after 3 and at its last step, 6.
+  sched = loop.Schedule(300, 32, epochs=10, max_steps=26, evals_per_epoch=3, chunk_steps=2)
+  assert sched.eval_steps == (3, 7, 10) and sched.num_epochs == 3
+  assert [sched.epoch_stop(e) for e in range(3)] == [10, 10, 6]
+  assert sched.epoch_eval_steps(0) == (3, 7, 10) and sched.epoch_eval_steps(2) == (3, 6)
+  assert sched.chunks(2) == ((0, 2), (2, 3), (3, 5), (5, 6))
+  # A budget ending on an eval point evaluates there once.
+  sched = loop.Schedule(300, 32, max_steps=17, evals_per_epoch=3)
+  assert sched.epoch_eval_steps(1) == (3, 7)
+  assert sched.chunks(1) == ((0, 3), (3, 7))
+
+
+def test_fit_validates_at_the_schedule_steps_whatever_the_chunk_size(small_dataset):
+  # 300 examples, batch 32: 10 steps an epoch; 3 evals an epoch after steps 3, 7 and 10.
+  default, s_default = _fit(small_dataset, evals_per_epoch=3)
+  ones, s_ones = _fit(small_dataset, evals_per_epoch=3, chunk_steps=1)
+  for result in (default[0], ones[0]):
+    assert [p['step'] for p in result['curve']] == [3, 7, 10, 13, 17, 20]
+    assert [p['examples'] for p in result['curve']] == [96, 224, 300, 396, 524, 600]
+  _assert_trees_close((s_default.params, s_default.batch_stats),
+                      (s_ones.params, s_ones.batch_stats), rtol=1e-5, atol=1e-6)
+  for a, b in zip(default[0]['curve'], ones[0]['curve']):
+    assert a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-5)
+    assert a['val_accuracy'] == pytest.approx(b['val_accuracy'], abs=1e-6)
+  for a, b in zip(default[0]['history'], ones[0]['history']):
+    for key in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy'):
+      assert a[key] == pytest.approx(b[key], rel=1e-5)
+
+
+def test_a_finite_but_exploding_loss_counts_as_diverged(small_dataset):
+  model = models.create_model('mlp', norm='none', hidden=(16,))
+  kwargs = {'seeds': (0, 1), 'learning_rate': 1e6, 'batch_size': 32, 'epochs': 2,
+            'chunk_steps': 5, 'progress': False}
+  # The loss stays finite (~1e14): NaN/inf alone would not catch it.
+  unchecked, _ = loop.fit(model, small_dataset, divergence_loss=float('inf'), **kwargs)
+  assert [r['status'] for r in unchecked] == ['ok', 'ok']
+  assert all(np.isfinite(h['train_loss']) and h['train_loss'] > loop.DIVERGENCE_LOSS
+             for r in unchecked for h in r['history'])
+  results, _ = loop.fit(model, small_dataset, **kwargs)
+  for r in results:
+    assert r['status'] == 'diverged' and r['diverged_at'] == {'epoch': 1, 'step': 5}
+    assert len(r['history']) == 1  # every seed diverged: training stopped
+  assert loop.DIVERGENCE_LOSS == pytest.approx(100 * np.log(10))
+
+
+def test_divergence_loss_is_the_threshold_on_a_chunk_mean(small_dataset):
+  # An untrained net's loss is ~ln 10 = 2.3: a threshold of 1 marks the first chunk.
+  results, _ = _fit(small_dataset, divergence_loss=1.0, chunk_steps=4)
+  assert results[0]['status'] == 'diverged'
+  assert results[0]['diverged_at'] == {'epoch': 1, 'step': 4}
+  results, _ = _fit(small_dataset, divergence_loss=50.0, chunk_steps=4)
+  assert results[0]['status'] == 'ok' and results[0]['diverged_at'] is None
 
 
 def test_step_budget_stops_mid_epoch(small_dataset):
@@ -99,8 +177,8 @@ def test_step_budget_stops_mid_epoch(small_dataset):
   assert result['curve'][-1]['examples'] == 300 + 3 * 32
   # The epoch's validation numbers are those of its last eval point.
   assert result['history'][-1]['val_accuracy'] == result['curve'][-1]['val_accuracy']
-  steps = [p['step'] for p in result['curve']]
-  assert steps == sorted(set(steps)) and 10 in steps  # every epoch ends with an eval
+  # Evals after steps 5 and 10, then at the budget's end: 3 steps into epoch 2.
+  assert [p['step'] for p in result['curve']] == [5, 10, 13]
 
 
 def test_several_devices_keep_batches_whole():

@@ -1,4 +1,7 @@
-"""BatchNorm against closed forms; parameter counts; the norm switch."""
+"""BatchNorm against closed forms; parameter counts; the norm constructors."""
+
+import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -11,8 +14,17 @@ from bn_jax import models
 X = np.array([[1., 2., -1.], [3., 0., -1.], [5., 4., -1.], [7., 2., 3.]], np.float32)
 
 
+class _Norm(nn.Module):
+  """One norm layer, called as the models call it (mask in train mode only)."""
+  norm: Callable
+
+  @nn.compact
+  def __call__(self, x, *, train, mask=None):
+    return models._normalize(self.norm, x, train, mask)
+
+
 def _bn(momentum=0.9, epsilon=1e-3):
-  norm = models.Norm('batch', momentum=momentum, epsilon=epsilon)
+  norm = _Norm(models.norm_layer('batch', momentum=momentum, epsilon=epsilon))
   variables = norm.init(jax.random.key(0), jnp.asarray(X), train=False)
   return norm, variables
 
@@ -20,7 +32,7 @@ def _bn(momentum=0.9, epsilon=1e-3):
 def test_train_mode_normalizes_with_batch_statistics():
   norm, variables = _bn(epsilon=1e-3)
   gamma, beta = np.array([2., 0.5, 1.], np.float32), np.array([0., 1., -3.], np.float32)
-  params = {'BatchNorm': {'scale': gamma, 'bias': beta}}
+  params = {'BatchNorm_0': {'scale': gamma, 'bias': beta}}
   y, _ = norm.apply({'params': params, 'batch_stats': variables['batch_stats']}, X, train=True,
                     mutable=['batch_stats'])
   # By hand: column means (4, 2, 0), biased variances (5, 2, 3).
@@ -39,8 +51,8 @@ def test_running_averages_follow_closed_form_and_eval_uses_them():
     stats = updates['batch_stats']
   w = 1 - m**k  # = 0.271
   mean, var = np.array([4., 2., 0.]), np.array([5., 2., 3.])
-  np.testing.assert_allclose(stats['BatchNorm']['mean'], w * mean, rtol=1e-5)
-  np.testing.assert_allclose(stats['BatchNorm']['var'], (1 - w) * 1.0 + w * var, rtol=1e-5)
+  np.testing.assert_allclose(stats['BatchNorm_0']['mean'], w * mean, rtol=1e-5)
+  np.testing.assert_allclose(stats['BatchNorm_0']['var'], (1 - w) * 1.0 + w * var, rtol=1e-5)
 
   # Eval mode: normalizes with the running averages (gamma=1, beta=0 at init) ...
   variables = {'params': variables['params'], 'batch_stats': stats}
@@ -54,7 +66,7 @@ def test_running_averages_follow_closed_form_and_eval_uses_them():
 def test_running_mean_of_two_different_batches():
   # Batches of constant blocks, values 1 then 2, momentum 0.9:
   # after 1: 0.1 * 1 = 0.1; after 2: 0.9 * 0.1 + 0.1 * 2 = 0.29.
-  norm = models.Norm('batch', momentum=0.9)
+  norm = _Norm(models.norm_layer('batch', momentum=0.9))
   ones = jnp.ones((4, 3))
   variables = norm.init(jax.random.key(0), ones, train=False)
   stats = variables['batch_stats']
@@ -62,9 +74,9 @@ def test_running_mean_of_two_different_batches():
     _, updates = norm.apply({'params': variables['params'], 'batch_stats': stats},
                             value * ones, train=True, mutable=['batch_stats'])
     stats = updates['batch_stats']
-  np.testing.assert_allclose(stats['BatchNorm']['mean'], [0.29] * 3, rtol=1e-6)
+  np.testing.assert_allclose(stats['BatchNorm_0']['mean'], [0.29] * 3, rtol=1e-6)
   # Constant batches have variance 0: var = 0.9 * 0.9 * 1 = 0.81.
-  np.testing.assert_allclose(stats['BatchNorm']['var'], [0.81] * 3, rtol=1e-6)
+  np.testing.assert_allclose(stats['BatchNorm_0']['var'], [0.81] * 3, rtol=1e-6)
 
 
 def test_mask_keeps_padding_out_of_batch_statistics():
@@ -78,11 +90,11 @@ def test_mask_keeps_padding_out_of_batch_statistics():
 
 
 def test_conv_batchnorm_is_per_channel():
-  norm = models.Norm('batch', epsilon=0.0)
+  norm = _Norm(models.norm_layer('batch', epsilon=0.0))
   x = jax.random.normal(jax.random.key(1), (8, 5, 5, 3)) * jnp.array([1., 10., 100.])
   x = x + jnp.array([-5., 0., 50.])
   variables = norm.init(jax.random.key(0), x, train=False)
-  assert variables['batch_stats']['BatchNorm']['mean'].shape == (3,)
+  assert variables['batch_stats']['BatchNorm_0']['mean'].shape == (3,)
   y, _ = norm.apply(variables, x, train=True, mutable=['batch_stats'])
   np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
   np.testing.assert_allclose(y.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
@@ -103,7 +115,7 @@ def test_mlp_parameter_counts(norm, params, stats):
 def test_cnn_has_bn_per_conv_channel_and_runs():
   model = models.create_model('cnn', norm='batch')
   variables = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)
-  assert [v['BatchNorm']['mean'].shape for v in variables['batch_stats'].values()] == [
+  assert [v['mean'].shape for v in variables['batch_stats'].values()] == [
       (32,), (64,)]
   logits, updates = model.apply(variables, jnp.ones((2, 28, 28, 1)), train=True,
                                 mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
@@ -256,6 +268,107 @@ def test_ghost_mlp_trains_with_group_statistics():
   model = models.create_model('mlp', norm='ghost', bn_group_size=4, hidden=(8,), dropout=0.0)
   x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
   variables = model.init(jax.random.key(1), x, train=False)
-  assert set(variables['batch_stats']['Norm_0']['BatchNorm']) == {'mean', 'var'}
+  assert set(variables['batch_stats']['BatchNorm_0']) == {'mean', 'var'}
   logits, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
   assert logits.shape == (16, 10)
+
+
+# --- Norm constructors -----------------------------------------------------------------------
+
+def test_norm_layer_none_means_no_normalization():
+  assert models.norm_layer('none') is None
+  assert models.create_model('mlp', norm='none').norm is None
+
+
+def test_norm_layer_errors_name_the_choices():
+  with pytest.raises(ValueError, match=r"unknown norm 'layer': choose one of \('none', 'batch'"):
+    models.norm_layer('layer')
+  for size in (0, -2):
+    with pytest.raises(ValueError, match='needs bn_group_size > 0'):
+      models.norm_layer('ghost', group_size=size)
+  with pytest.raises(ValueError, match='needs bn_group_size > 0'):
+    models.norm_layer('ghost', group_size=4).replace(group_size=0)
+
+
+def test_equal_settings_give_equal_constructors_and_one_trace():
+  a = models.norm_layer('batch', momentum=0.9, axis_name='batch')
+  b = models.norm_layer('batch', momentum=0.9, axis_name='batch')
+  assert a == b and hash(a) == hash(b) and a is not b
+  assert a != models.norm_layer('batch', momentum=0.99, axis_name='batch')
+  assert a.replace(momentum=0.99) == models.norm_layer('batch', axis_name='batch')
+  ghost = models.norm_layer('ghost', group_size=4)
+  assert ghost == models.norm_layer('ghost', group_size=4)
+  assert hash(ghost) == hash(models.norm_layer('ghost', group_size=4))
+  assert ghost != models.norm_layer('ghost', group_size=8) and ghost != a
+  m1 = models.create_model('mlp', hidden=(8,), bn_momentum=0.9)
+  m2 = models.create_model('mlp', hidden=(8,), bn_momentum=0.9)
+  assert m1 == m2 and hash(m1) == hash(m2)
+
+  traces = []
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def predict(model, variables, x):
+    traces.append(model)
+    return model.apply(variables, x, train=False)
+
+  x = jnp.ones((2, 28, 28, 1))
+  variables = m1.init(jax.random.key(0), x, train=False)
+  np.testing.assert_array_equal(predict(m1, variables, x), predict(m2, variables, x))
+  assert len(traces) == 1  # the equal model hit the cache
+  predict(models.create_model('mlp', hidden=(8,), bn_momentum=0.5), variables, x)
+  assert len(traces) == 2  # different settings: a new trace
+
+
+@pytest.mark.parametrize('name, kwargs', [('mlp', dict(hidden=(8, 6))),
+                                          ('cnn', dict(features=(4, 3), dense=5))])
+def test_batch_and_one_group_ghost_models_have_the_same_variables_and_outputs(name, kwargs):
+  x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+  mask = jnp.array([1, 1, 1, 1, 1, 1, 0, 0])
+  batch = models.create_model(name, norm='batch', dropout=0.0, **kwargs)
+  ghost = models.create_model(name, norm='ghost', bn_group_size=8, dropout=0.0, **kwargs)
+  variables = batch.init(jax.random.key(1), x, train=False)
+  ghost_variables = ghost.init(jax.random.key(1), x, train=False)
+  assert 'BatchNorm_1' in variables['batch_stats']
+  assert jax.tree.structure(variables) == jax.tree.structure(ghost_variables)
+  jax.tree.map(np.testing.assert_array_equal, variables, ghost_variables)
+  for train in (True, False):
+    for m in (None, mask):
+      y_batch, up_batch = batch.apply(variables, x, train=train, mask=m, mutable=['batch_stats'])
+      y_ghost, up_ghost = ghost.apply(variables, x, train=train, mask=m, mutable=['batch_stats'])
+      np.testing.assert_allclose(y_ghost, y_batch, rtol=1e-4, atol=1e-5)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                   up_ghost, up_batch)
+
+
+def test_a_flax_style_partial_batchnorm_works_as_the_norm():
+  # The models take any nn.BatchNorm-like constructor, masks included.
+  x = jax.random.normal(jax.random.key(0), (6, 28, 28, 1))
+  mask = jnp.array([1, 1, 1, 1, 0, 0])
+  ours = models.create_model('mlp', hidden=(8,), dropout=0.0, bn_momentum=0.9)
+  flax_style = models.MLP(hidden=(8,), dropout=0.0,
+                          norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-3))
+  variables = ours.init(jax.random.key(1), x, train=False)
+  for model in (ours, flax_style):
+    y, up = model.apply(variables, x, train=True, mask=mask, mutable=['batch_stats'])
+    y4, up4 = model.apply(variables, x[:4], train=True, mutable=['batch_stats'])
+    np.testing.assert_allclose(y[:4], y4, rtol=1e-5, atol=1e-5)  # padding left out
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), up, up4)
+  np.testing.assert_allclose(flax_style.apply(variables, x, train=True, mutable=['batch_stats'])[0],
+                             ours.apply(variables, x, train=True, mutable=['batch_stats'])[0])
+
+
+@pytest.mark.parametrize('kind, kwargs', [('batch', {}), ('ghost', dict(group_size=10))])
+def test_momentum_zero_running_averages_are_the_batch_statistics(kind, kwargs):
+  x = jax.random.uniform(jax.random.key(0), (10, 28, 28, 1))
+  model = models.MLP(hidden=(6,), dropout=0.0, norm=models.norm_layer(kind, **kwargs))
+  variables = model.init(jax.random.key(1), x, train=False)
+  exact = model.clone(norm=model.norm.replace(momentum=0.0))
+  assert exact.norm.momentum == 0.0 and model.norm.momentum == 0.99
+  _, updates = exact.apply(variables, x, train=True, mutable=['batch_stats'])
+  # The BN layer's input by hand: the flattened images times the bias-free Dense kernel.
+  h = np.asarray(x, np.float64).reshape(10, -1) @ np.asarray(
+      variables['params']['Dense_0']['kernel'], np.float64)
+  stats = updates['batch_stats']['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], h.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], h.var(0), rtol=1e-4, atol=1e-6)
+  assert 'bias' not in variables['params']['Dense_0']

@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from bn_jax import experiment
 from bn_jax import results
 
 
@@ -22,13 +21,26 @@ def test_atomic_write_and_records_round_trip(tmp_path):
   assert records[0] == {'a': 1} and len(records) == 2
 
 
-def test_run_key_ignores_settings_that_do_not_change_numbers():
-  config = experiment.base_config()
-  key = results.run_key(config)
-  assert key == results.run_key(experiment.resolve(config, progress=False, resume=False))
-  assert key != results.run_key(experiment.resolve(config, batch_size=64))
-  assert key != results.run_key(experiment.resolve(config, devices=8))
+def test_run_key_is_a_stable_hash_of_the_identity():
+  identity = {'batch_size': 32, 'hidden': [128], 'norm': 'batch'}
+  key = results.run_key(identity)
+  assert key == results.run_key(dict(reversed(list(identity.items()))))  # order-free
+  assert key == results.run_key({**identity, 'hidden': (128,)})  # tuples are lists in JSON
+  assert key != results.run_key({**identity, 'batch_size': 64})
   assert len(key) == 12
+
+
+def test_code_version_hashes_the_sources_and_the_script(tmp_path):
+  script = tmp_path / 'script.py'
+  script.write_text('print(1)\n')
+  version = results.code_version(str(script))
+  assert version['script'] == 'script.py' and len(version['sources']) == 16
+  assert results.code_version(str(script)) == version
+  script.write_text('print(2)\n')  # an edited script is other code
+  assert results.code_version(str(script))['sources'] != version['sources']
+  root = os.path.dirname(results.PACKAGE_DIR)
+  if os.path.isdir(os.path.join(root, '.git')):  # a git checkout: the commit is recorded
+    assert len(version['commit']) == 40 and isinstance(version['dirty'], bool)
 
 
 def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
@@ -48,7 +60,7 @@ def test_workdir_refuses_results_of_another_experiment(tmp_path):
 
 
 def test_resume_false_refuses_to_overwrite_unless_asked(tmp_path):
-  record = {'experiment': 'e', 'run_key': 'k', 'seed': 0}
+  record = {'experiment': 'e', 'run_key': 'k', 'seed': 0, 'identity': {}}
   results.append_records(str(tmp_path / 'results.jsonl'), [record])
   os.makedirs(tmp_path / 'checkpoints' / 'k')
   assert results.Workdir(str(tmp_path), 'e').finished == {('k', 0): record}  # resume: kept

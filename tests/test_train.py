@@ -47,7 +47,7 @@ def test_train_step_is_pure_and_jit_agrees(small_dataset):
   _assert_trees_close((s3.params, s3.batch_stats, m3), (s4.params, s4.batch_stats, m4),
                       rtol=1e-5, atol=1e-6)
   # The batch statistics moved the running averages off their init (mean 0).
-  assert np.abs(s1.batch_stats['Norm_0']['BatchNorm']['mean']).max() > 0
+  assert np.abs(s1.batch_stats['BatchNorm_0']['mean']).max() > 0
 
 
 def test_dropout_mask_changes_every_step(small_dataset):
