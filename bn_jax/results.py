@@ -7,11 +7,13 @@ version that made it, so a finished run is found again and never mistaken for an
 """
 
 import datetime
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import platform
+import socket
 import shutil
 import subprocess
 import sys
@@ -173,6 +175,8 @@ class Workdir:
     except OSError as e:
       raise OSError(f'workdir {path!r} cannot be created or written ({e.strerror}): choose '
                     'another --workdir (or free some space).') from e
+    if is_writer():
+      lock(self.path)
     records = read_records(self.results_path) if os.path.exists(self.results_path) else []
     others = sorted({r.get('experiment') for r in records} - {experiment})
     if others:
@@ -214,6 +218,37 @@ class Workdir:
   def save_state(self, key, seed, variables):
     atomic_write(self.state_path(key, seed), flax.serialization.msgpack_serialize(
         jax.device_get(variables)))
+
+
+class WorkdirInUse(OSError):
+  """Another process writes to this workdir."""
+
+
+_LOCKS = {}  # workdir -> the open lock file this process holds (until it exits)
+
+
+def lock(workdir):
+  """Makes this process the workdir's one writer: an exclusive `flock` on `WORKDIR/.lock`,
+  held until the process exits (the OS releases it when the holder dies, even by kill -9). A
+  second process gets an error naming the holder's pid and host; nothing is touched."""
+  path = os.path.join(workdir, '.lock')
+  if path in _LOCKS:
+    return
+  f = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or 'another process'
+    f.close()
+    raise WorkdirInUse(f'workdir {workdir} is in use by {holder}: wait for it to finish (or '
+                       'stop it), or use another --workdir.') from None
+  f.seek(0)
+  f.truncate()
+  f.write(f'pid {os.getpid()} on host {socket.gethostname()} since '
+          f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
+  f.flush()
+  _LOCKS[path] = f
 
 
 def state_path(workdir, key, seed):

@@ -118,6 +118,7 @@ def test_study_trains_through_the_sweep_once_and_keeps_final_states(tmp_path, mo
       first[1][1]['final']['val_accuracy'], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_claims_script_cnn_depth_quick(tmp_path):
   out = _run_script(tmp_path, '--config.model=cnn', '--config.claims=depth')
   assert out.returncode == 0, out.stderr[-3000:]
@@ -135,6 +136,7 @@ def _run_script(workdir, *flags):
                         text=True, timeout=600, env=env, check=False)
 
 
+@pytest.mark.slow
 def test_claims_script_quick_mode_end_to_end(tmp_path):
   out = _run_script(tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -190,6 +192,7 @@ def test_claims_killed_midway_resume_to_the_same_table_then_train_nothing(tmp_pa
   assert len(keys) == 12 and len(set(keys)) == 12
 
 
+@pytest.mark.slow
 def test_quick_preset_yields_to_command_line_flags(tmp_path):
   out = _run_script(tmp_path, '--config.seeds=5', '--config.claims=shift')
   assert out.returncode == 0, out.stderr[-3000:]

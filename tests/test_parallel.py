@@ -153,6 +153,7 @@ def _launch(nproc, ndev, out):
   return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
   single = _launch(1, 4, tmp_path / 'single.npz')
   multi = _launch(2, 2, tmp_path / 'multi.npz')

@@ -1,6 +1,8 @@
 """Files on disk: atomic writes, whole-line records, the workdir's checks, run keys."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +70,28 @@ def test_resume_false_refuses_to_overwrite_unless_asked(tmp_path):
     results.Workdir(str(tmp_path), 'e', resume=False)
   assert results.Workdir(str(tmp_path), 'e', resume=False, overwrite=True).finished == {}
   assert not (tmp_path / 'results.jsonl').exists() and not (tmp_path / 'checkpoints').exists()
+
+
+_HOLD = '''
+import sys, time
+from bn_jax import results
+results.Workdir(sys.argv[1], 'e')
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.slow
+def test_one_writer_per_workdir_and_a_killed_holder_frees_it(tmp_path):
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(results.WorkdirInUse, match=rf'workdir {tmp_path} is in use by pid '
+                       rf'{holder.pid} on host .* use another --workdir'):
+      results.Workdir(str(tmp_path), 'e')
+  finally:
+    holder.kill()  # SIGKILL: the OS releases the lock
+    holder.wait()
+  results.Workdir(str(tmp_path), 'e')  # now this process holds it ...
+  results.Workdir(str(tmp_path), 'e')  # ... and may open it again

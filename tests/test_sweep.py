@@ -45,6 +45,7 @@ def test_run_makes_one_record_per_seed_with_overrides_applied():
   assert config.norm == 'batch'  # the caller's config is left as it was
 
 
+@pytest.mark.slow
 def test_bn_vs_no_bn_script_end_to_end(tmp_path):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py'),
@@ -92,6 +93,7 @@ def _run_batch_sizes(workdir, cache):
   return out
 
 
+@pytest.mark.slow
 def test_batch_sizes_script_end_to_end_and_warm_cache(tmp_path):
   cache = tmp_path / 'cache'
   out = _run_batch_sizes(tmp_path / 'cold', cache)
@@ -119,6 +121,7 @@ def test_batch_sizes_script_end_to_end_and_warm_cache(tmp_path):
   assert sorted(os.listdir(cache)) == entries
 
 
+@pytest.mark.slow
 def test_script_on_simulated_devices_with_pmap_and_ghost_bn(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py'),
          f'--workdir={tmp_path}', '--config.data=synthetic:600', '--config.seeds=1',
@@ -259,6 +262,7 @@ def _run_script(script, workdir, *flags):
                         env=SCRIPT_ENV)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, message', [
     ('--config.batchsize=3', 'unknown setting --config.batchsize (did you mean '
      '--config.batch_size?)'),
@@ -269,6 +273,7 @@ def _run_script(script, workdir, *flags):
     ('--config.evals_per_epoch=0', 'evals_per_epoch must be an integer >= 1, got 0'),
     ('--config.activation=swish', "unknown activation 'swish'"),
     ('--config.data=synthetic:abc', "unknown data spec 'synthetic:abc': use `tfds:NAME`"),
+    ('--config.model=resnet', "unknown model 'resnet'"),
 ])
 def test_refused_input_is_one_line_and_leaves_no_folder(tmp_path, flag, message):
   workdir = tmp_path / 'run'
@@ -278,3 +283,11 @@ def test_refused_input_is_one_line_and_leaves_no_folder(tmp_path, flag, message)
   assert lines[-1].startswith('error: ') and message in lines[-1], out.stderr[-2000:]
   assert 'Traceback' not in out.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_a_value_of_the_wrong_type_is_named_by_the_flag_parser(tmp_path):
+  out = _run_script('bn_vs_no_bn.py', tmp_path / 'run', '--config.learning_rate=abc')
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert "flag --config.learning_rate=abc: could not convert string to float: 'abc'" in out.stderr
+  assert not (tmp_path / 'run').exists()
