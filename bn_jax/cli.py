@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bn_jax import interrupt
 from bn_jax import results
 from bn_jax import settings
 
@@ -42,12 +43,17 @@ def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experimen
 
   def absl_main(argv):
     del argv
+    interrupt.handle_signals()
     logging.set_verbosity(logging.WARNING)  # JAX's INFO lines ('no TPU found') are noise here
     overridden = config_flags.get_override_values(flags.FLAGS['config'])
     try:
       config = resolve(get_config(), overridden, presets)
       settings.check_overrides(config, overridden, grid_keys)
       main(config, flags.FLAGS.workdir)
+    except interrupt.Interrupted as e:
+      if results.is_writer():
+        print(e, file=sys.stderr, flush=True)
+      sys.exit(128 + e.signum)
     except USER_ERRORS as e:
       message = e.args[0] if isinstance(e, KeyError) and e.args else e
       if results.is_writer():

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bn_jax import checkpoint
+from bn_jax import interrupt
 from bn_jax.train import DeviceData
 from bn_jax.train import ONE_DEVICE
 from bn_jax.train import TrainState
@@ -164,7 +165,8 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
-        programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS):
+        programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
+        should_stop=None):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -181,6 +183,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   epoch.
   `runner` (default: one device) decides where the programs run; `parallel.DataParallel`
   runs them over several devices and hosts. Returned states are host (numpy) arrays.
+  `should_stop` (e.g. `interrupt.requested`) is asked at every chunk boundary before the last
+  step: when it is true, fit saves a checkpoint and raises `interrupt.Interrupted`.
   With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
   every epoch end (and every `every_steps`, at chunk boundaries); it closes it when done.
   """
@@ -254,6 +258,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
                              'val_accuracy': float(val['accuracy'][s])})
         if end < stop and checkpointer and checkpointer.due(step, last_saved, False):
           last_saved = save(epoch, end)
+        if end < stop and should_stop and should_stop():
+          _stop(checkpointer, step, last_saved, lambda: save(epoch, end))
       train = means(runner.get(epoch_sums))
       seconds = time.perf_counter() - t_epoch
       for s in range(n):
@@ -265,6 +271,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
       bar.set_postfix(val_acc=f'{np.nanmean(val["accuracy"]):.4f}')
       if checkpointer and checkpointer.due(step, last_saved, True):
         last_saved = save(epoch + 1, 0)
+      if step < sched.total_steps and should_stop and should_stop():
+        _stop(checkpointer, step, last_saved, lambda: save(epoch + 1, 0))
   finally:
     bar.close()
     if checkpointer:
@@ -284,6 +292,13 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
                     'steps_per_epoch': sched.steps_per_epoch,
                     'compile_seconds': programs.compile_seconds})
   return results, runner.get(states)
+
+
+def _stop(checkpointer, step, last_saved, save):
+  """Saves where training stands (unless just saved) and raises `Interrupted`."""
+  if checkpointer and last_saved != step:
+    save()
+  raise interrupt.Interrupted(step, interrupt.signum())
 
 
 def _seed_keys(seeds):

@@ -19,6 +19,7 @@ import jax
 
 from bn_jax import checkpoint
 from bn_jax import data
+from bn_jax import interrupt
 from bn_jax import loop
 from bn_jax import parallel
 from bn_jax import results
@@ -114,12 +115,16 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool:
     futures = [pool.submit(compile_one, c, seeds) for _, c, _, seeds in todo]
     for (key, c, identity, seeds), future in zip(todo, futures):
+      if interrupt.requested():  # between configurations: nothing of this one started yet
+        pool.shutdown(cancel_futures=True)
+        raise interrupt.Interrupted(None, interrupt.signum())
       checkpointer = _checkpointer(work, key, code, seeds, c) if work else None
       t0 = time.perf_counter()
       seed_results, states = loop.fit(
           settings.make_model(c, data_parallel), device_data, seeds=seeds,
           programs=future.result(), runner=runner, checkpointer=checkpointer,
-          desc=f'{c.model}/{c.norm} bs={c.batch_size}', **settings.fit_args(c))
+          desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
+          **settings.fit_args(c))
       wall = time.perf_counter() - t0
       records = [results.make_record(experiment=experiment, config=c, identity=identity,
                                      seed_result=r, code=code, wall_seconds=wall,
