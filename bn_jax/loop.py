@@ -166,7 +166,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
-        should_stop=None):
+        should_stop=None, logger=None):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -183,6 +183,9 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   epoch.
   `runner` (default: one device) decides where the programs run; `parallel.DataParallel`
   runs them over several devices and hosts. Returned states are host (numpy) arrays.
+  `logger` (e.g. `summaries.RunSummaries`) gets `start(step)`, then `scalars(step, values)`
+  at every eval point (validation and the learning rate), every epoch end (train metrics) and
+  the end (test metrics), then `close(final)`.
   `should_stop` (e.g. `interrupt.requested`) is asked at every chunk boundary before the last
   step: when it is true, fit saves a checkpoint and raises `interrupt.Interrupted`.
   With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
@@ -216,6 +219,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
       step, start_epoch, start_offset = meta['step'], meta['epoch'], meta['epoch_step']
       history, curve, diverged_at = meta['history'], meta['curve'], meta['diverged_at']
   last_saved = step
+  if logger:
+    logger.start(step)
 
   def save(next_epoch, next_offset):  # where to go on: an epoch, a step within it
     meta = {'step': step, 'epoch': next_epoch, 'epoch_step': next_offset, 'history': history,
@@ -256,6 +261,10 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
             curve[s].append({'step': step, 'examples': sched.examples_after(step),
                              'val_loss': float(val['loss'][s]),
                              'val_accuracy': float(val['accuracy'][s])})
+          if logger:
+            logger.scalars(step, {'val/loss': val['loss'], 'val/accuracy': val['accuracy'],
+                                  'learning_rate': runner.get(
+                                      states.opt_state.hyperparams['learning_rate'])})
         if end < stop and checkpointer and checkpointer.due(step, last_saved, False):
           last_saved = save(epoch, end)
         if end < stop and should_stop and should_stop():
@@ -269,16 +278,26 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
             'val_loss': curve[s][-1]['val_loss'], 'val_accuracy': curve[s][-1]['val_accuracy'],
             'seconds': seconds})
       bar.set_postfix(val_acc=f'{np.nanmean(val["accuracy"]):.4f}')
+      if logger:
+        logger.scalars(step, {'train/loss': train['loss'], 'train/accuracy': train['accuracy']})
       if checkpointer and checkpointer.due(step, last_saved, True):
         last_saved = save(epoch + 1, 0)
       if step < sched.total_steps and should_stop and should_stop():
         _stop(checkpointer, step, last_saved, lambda: save(epoch + 1, 0))
+  except BaseException:
+    if logger:
+      logger.close()  # what was written stays readable
+    raise
   finally:
     bar.close()
     if checkpointer:
       checkpointer.close()  # pending async saves complete, even on an error
 
   test, train_eval = evaluate_split('test'), evaluate_split('train')
+  if logger:
+    logger.scalars(step, {'test/loss': test['loss'], 'test/accuracy': test['accuracy']})
+    logger.close({'final/val_accuracy': [h[-1]['val_accuracy'] for h in history],
+                  'final/test_accuracy': test['accuracy']})
   results = []
   for s, seed in enumerate(seeds):
     final = {key: history[s][-1][key] for key in ('train_loss', 'train_accuracy', 'val_loss',

@@ -55,6 +55,7 @@ def base_config():
   c.target_val_accuracy = 0.0  # > 0: tables report steps/examples to reach it
   c.eval_batch_size = 1000
   c.progress = True
+  c.tensorboard = True  # event files in WORKDIR/tensorboard/<run key>/seed_<s>/
   # Devices: data-parallel over `devices` (0 = every device JAX sees, of every host) with
   # `parallel` = shard_map | pmap; hosts join through jax.distributed (unset: environment).
   c.devices = 0
@@ -220,6 +221,8 @@ def validate(config, num_devices=1, num_train=None):
   _choice(c, 'parallel', parallel.KINDS)
   _choice(c, 'on_code_change', ('refuse', 'retrain', 'reuse'))
   _choice(c, 'bn_batch_of_one', ('error', 'warn'))
+  _choice(c, 'tensorboard', (True, False))
+  _choice(c, 'progress', (True, False))
   _widths(c, 'hidden' if c.model == 'mlp' else 'features',
           '(128,)' if c.model == 'mlp' else '(32,64)')
   _fraction(c, 'dropout')

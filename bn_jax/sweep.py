@@ -24,6 +24,7 @@ from bn_jax import loop
 from bn_jax import parallel
 from bn_jax import results
 from bn_jax import settings
+from bn_jax import summaries
 from bn_jax import train
 
 
@@ -119,11 +120,14 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
         pool.shutdown(cancel_futures=True)
         raise interrupt.Interrupted(None, interrupt.signum())
       checkpointer = _checkpointer(work, key, code, seeds, c) if work else None
+      logger = (summaries.RunSummaries(work.path, key, seeds, identity)
+                if work and c.tensorboard else None)
       t0 = time.perf_counter()
       seed_results, states = loop.fit(
           settings.make_model(c, data_parallel), device_data, seeds=seeds,
           programs=future.result(), runner=runner, checkpointer=checkpointer,
           desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
+          logger=logger,
           **settings.fit_args(c))
       wall = time.perf_counter() - t0
       records = [results.make_record(experiment=experiment, config=c, identity=identity,
