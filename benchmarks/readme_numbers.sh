@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Re-runs every command behind a number in README.md, on the offline Fashion-MNIST files, each
+# into a fresh workdir under $OUT (default runs/readme), timing each from process start.
+#   bash benchmarks/readme_numbers.sh            # all (about 15 minutes on a 2-core CPU)
+#   bash benchmarks/readme_numbers.sh bn_vs_no_bn batch_sizes   # some
+# The CNN claims (about 1.5 hours) run only when named: cnn_claims.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=idx:/usr/share/datasets/fashion-mnist
+OUT=${OUT:-runs/readme}
+CACHE=$(mktemp -d)  # an empty compilation cache: every timing is cold
+trap 'rm -rf "$CACHE"' EXIT
+steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow speed}
+
+run() {  # name, command...
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$(date +%s.%N)
+  "$@"
+  echo "== $name: $(echo "$(date +%s.%N) - $t0" | bc) s"
+}
+
+for step in $steps; do
+  case $step in
+    bn_vs_no_bn) rm -rf "$OUT/fmnist"; run $step python experiments/bn_vs_no_bn.py \
+        --workdir="$OUT/fmnist" --config.data=$DATA --config.seeds=5 \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    batch_sizes) rm -rf "$OUT/batch_sizes"; run $step python experiments/batch_sizes.py \
+        --workdir="$OUT/batch_sizes" --config.data=$DATA --config.target_val_accuracy=0.85 \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    batch_sizes_grow) run $step python experiments/batch_sizes.py \
+        --workdir="$OUT/batch_sizes" --config.data=$DATA --config.target_val_accuracy=0.85 \
+        --config.batch_sizes='(16,32,64,128,256,512)' --config.seeds=7 \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    claims) rm -rf "$OUT/claims"; run $step python experiments/claims.py \
+        --workdir="$OUT/claims" --config.data=$DATA --config.target_val_accuracy=0.85 \
+        --config.batch_sizes_workdir="$OUT/batch_sizes" \
+        --config.compilation_cache_dir="$CACHE/$step" ;;
+    cnn_claims) rm -rf "$OUT/claims_cnn"; run $step python experiments/claims.py \
+        --workdir="$OUT/claims_cnn" --config.data=$DATA --config.model=cnn \
+        --config.train_examples=6000 --config.depth_width=16 --config.target_val_accuracy=0.8 \
+        --config.compilation_cache_dir="$CACHE/$step" ;;
+    speed) run $step python benchmarks/speed.py --data=$DATA --out="$OUT/speed.json" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
