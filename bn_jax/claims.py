@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from scipy import stats
 
+from bn_jax import precise_bn
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
@@ -62,13 +63,10 @@ def shift(images, a, b):
   return images * a + b
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def full_pass_batch_stats(model, variables, images):
-  """BN statistics of one pass over all `images` (momentum 0, dropout off): the running
+  """BN statistics of one pass over all `images` (PreciseBN with a single batch): the running
   averages a model would have if they were exactly this data's statistics."""
-  exact = model.clone(norm=model.norm.replace(momentum=0.0), dropout=0.0)
-  _, updates = exact.apply(variables, images, train=True, mutable=['batch_stats'])
-  return updates['batch_stats']
+  return precise_bn.population_stats(model, variables, images, batch_size=len(images))
 
 
 def accuracy(model, variables, images, labels, batch_statistics=0, chunk=500):

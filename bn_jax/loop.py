@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from bn_jax import checkpoint
 from bn_jax import interrupt
+from bn_jax import precise_bn
 from bn_jax.train import DeviceData
 from bn_jax.train import ONE_DEVICE
 from bn_jax.train import TrainState
@@ -166,7 +167,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
-        should_stop=None, logger=None):
+        should_stop=None, logger=None, precise_bn_examples=0):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -186,6 +187,10 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   `logger` (e.g. `summaries.RunSummaries`) gets `start(step)`, then `scalars(step, values)`
   at every eval point (validation and the learning rate), every epoch end (train metrics) and
   the end (test metrics), then `close(final)`.
+  `precise_bn_examples` > 0 (PreciseBN, `bn_jax.precise_bn`): after training, BN's population
+  statistics are recomputed from that many training examples in batches of `batch_size`, and
+  `final` also holds `precise_val_*` and `precise_test_*` (loss, accuracy) with them (models
+  with running statistics only).
   `should_stop` (e.g. `interrupt.requested`) is asked at every chunk boundary before the last
   step: when it is true, fit saves a checkpoint and raises `interrupt.Interrupted`.
   With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
@@ -200,10 +205,11 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
                                           learning_rate=learning_rate,
                                           eval_batch_size=eval_batch_size, runner=runner)
   states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
-  # Metrics of the current `states` (read when called) over a whole split.
-  evaluate_split = lambda split: means(runner.get(functools.reduce(
+  # Metrics over a whole split of `st`, by default the current `states` (read when called).
+  evaluate_split = lambda split, st=None: means(runner.get(functools.reduce(
       lambda a, b: jax.tree.map(jnp.add, a, b),
-      [runner.evaluate(states, data.arrays, runner.put(rows, split_last=True))
+      [runner.evaluate(states if st is None else st, data.arrays,
+                       runner.put(rows, split_last=True))
        for rows in _eval_blocks(data, split, eval_batch_size)])))
 
   n = len(seeds)
@@ -294,6 +300,11 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
       checkpointer.close()  # pending async saves complete, even on an error
 
   test, train_eval = evaluate_split('test'), evaluate_split('train')
+  precise = {}
+  if precise_bn_examples and jax.tree.leaves(states.batch_stats):
+    stats = _precise_stats(model, runner, data, states, seeds, precise_bn_examples, batch_size)
+    precise_states = states.replace(batch_stats=stats)
+    precise = {split: evaluate_split(split, precise_states) for split in ('val', 'test')}
   if logger:
     logger.scalars(step, {'test/loss': test['loss'], 'test/accuracy': test['accuracy']})
     logger.close({'final/val_accuracy': [h[-1]['val_accuracy'] for h in history],
@@ -305,12 +316,29 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
     final.update(test_loss=float(test['loss'][s]), test_accuracy=float(test['accuracy'][s]),
                  train_eval_loss=float(train_eval['loss'][s]),
                  train_eval_accuracy=float(train_eval['accuracy'][s]))
+    for split, metrics in precise.items():
+      final.update({f'precise_{split}_loss': float(metrics['loss'][s]),
+                    f'precise_{split}_accuracy': float(metrics['accuracy'][s])})
     results.append({'seed': seed, 'history': history[s], 'curve': curve[s], 'final': final,
                     'status': 'diverged' if diverged_at[s] else 'ok',
                     'diverged_at': diverged_at[s], 'steps': step,
                     'steps_per_epoch': sched.steps_per_epoch,
                     'compile_seconds': programs.compile_seconds})
   return results, runner.get(states)
+
+
+def _precise_stats(model, runner, data, states, seeds, num_examples, batch_size):
+  """PreciseBN statistics of every seed (stacked, on the runner's devices)."""
+  host = runner.get(states)
+  images = np.asarray(runner.get(data.arrays[0]))
+  per_seed = []
+  for s, seed in enumerate(seeds):
+    pick = lambda tree: jax.tree.map(lambda x: x[s], tree)
+    rows = data.splits['train'][precise_bn.sample(data.size('train'), num_examples, seed)]
+    per_seed.append(precise_bn.population_stats(
+        model, {'params': pick(host.params), 'batch_stats': pick(host.batch_stats)},
+        images[rows], batch_size))
+  return runner.put(jax.tree.map(lambda *x: np.stack(x), *per_seed))
 
 
 def _stop(checkpointer, step, last_saved, save):

@@ -53,6 +53,9 @@ def base_config():
   c.chunk_steps = 0  # train steps per dispatched program; 0 = up to the next evaluation
   c.evals_per_epoch = 1  # validation points per epoch (the `curve` of each record)
   c.target_val_accuracy = 0.0  # > 0: tables report steps/examples to reach it
+  # > 0: PreciseBN after training, BN statistics recomputed from this many training examples
+  # (records gain precise_val_* and precise_test_*)
+  c.precise_bn_examples = 0
   c.eval_batch_size = 1000
   c.progress = True
   c.tensorboard = True  # event files in WORKDIR/tensorboard/<run key>/seed_<s>/
@@ -99,6 +102,8 @@ def identity(config, num_devices=1):
     run.update(bn_stats=c.bn_stats, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)
     if c.bn_stats == 'ghost':
       run['bn_group_size'] = c.bn_group_size
+    if c.precise_bn_examples:
+      run['precise_bn_examples'] = c.precise_bn_examples
   return run
 
 
@@ -125,7 +130,7 @@ def fit_args(config):
   return dict(learning_rate=c.learning_rate, batch_size=c.batch_size, epochs=c.epochs,
               max_steps=c.max_steps, chunk_steps=c.chunk_steps,
               evals_per_epoch=c.evals_per_epoch, eval_batch_size=c.eval_batch_size,
-              progress=c.progress)
+              progress=c.progress, precise_bn_examples=c.precise_bn_examples)
 
 
 def resolve(config, **overrides):
@@ -232,7 +237,7 @@ def validate(config, num_devices=1, num_train=None):
   _check(c.checkpoint_min_seconds >= 0, f'checkpoint_min_seconds must be >= 0, got '
          f'{c.checkpoint_min_seconds}.')
   for key in ('train_examples', 'epochs', 'max_steps', 'chunk_steps', 'checkpoint_every_steps',
-              'devices', 'bn_group_size'):
+              'devices', 'bn_group_size', 'precise_bn_examples'):
     _at_least(c, key, 0)
   for key in ('seeds', 'evals_per_epoch', 'eval_batch_size', 'checkpoint_keep'):
     _at_least(c, key, 1)

@@ -149,7 +149,7 @@ def test_fit_args_carry_every_loop_setting():
                             max_steps=11, evals_per_epoch=2, progress=False)
   assert settings.fit_args(config) == dict(
       learning_rate=1e-3, batch_size=32, epochs=5, max_steps=11, chunk_steps=3,
-      evals_per_epoch=2, eval_batch_size=7, progress=False)
+      evals_per_epoch=2, eval_batch_size=7, progress=False, precise_bn_examples=0)
 
 
 def test_presets_apply_before_command_line_overrides():

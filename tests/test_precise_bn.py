@@ -1,0 +1,69 @@
+"""PreciseBN: population statistics as averages over batches, against closed forms."""
+
+import jax
+import numpy as np
+import pytest
+
+from bn_jax import claims
+from bn_jax import data
+from bn_jax import loop
+from bn_jax import models
+from bn_jax import precise_bn
+
+
+def _bn_mlp():
+  model = models.create_model('mlp', norm='batch', hidden=(3,), dropout=0.5)
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (40, 28, 28, 1)))
+  variables = model.init(jax.random.key(1), x[:1], train=False)
+  h = x.reshape(40, -1) @ np.asarray(variables['params']['Dense_0']['kernel'], np.float64)
+  return model, variables, x, h  # h: the BN layer's input, a known function of the data
+
+
+def test_population_statistics_are_averages_of_batch_statistics():
+  model, variables, x, h = _bn_mlp()
+  stats = precise_bn.population_stats(model, variables, x, batch_size=8)['BatchNorm_0']
+  batches = h.reshape(5, 8, 3)  # 40 examples in 5 batches of 8
+  np.testing.assert_allclose(stats['mean'], batches.mean(1).mean(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], batches.var(1).mean(0), rtol=1e-3, atol=1e-6)
+  # Batches of 16: the last 8 examples do not fill one and are left out.
+  stats = precise_bn.population_stats(model, variables, x, batch_size=16)['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], h[:32].reshape(2, 16, 3).mean(1).mean(0),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_one_batch_of_everything_is_the_full_pass():
+  model, variables, x, h = _bn_mlp()
+  stats = precise_bn.population_stats(model, variables, x, batch_size=40)['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], h.mean(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], h.var(0), rtol=1e-3, atol=1e-6)
+  full = claims.full_pass_batch_stats(model, variables, x)['BatchNorm_0']
+  np.testing.assert_allclose(full['mean'], stats['mean'], rtol=1e-6)
+
+
+def test_the_sample_is_fixed_by_seed():
+  a, b = precise_bn.sample(100, 30, seed=0), precise_bn.sample(100, 30, seed=1)
+  assert len(set(a)) == 30 and (a == precise_bn.sample(100, 30, seed=0)).all()
+  assert not (a == b).all()
+  assert sorted(precise_bn.sample(100, 500, seed=0)) == list(range(100))
+
+
+def test_fit_records_metrics_with_precise_statistics(small_dataset):
+  model = models.create_model('mlp', norm='batch', hidden=(16,), bn_momentum=0.999)
+  runs, states = loop.fit(model, small_dataset, seeds=(0, 1), batch_size=30, epochs=1,
+                          progress=False, precise_bn_examples=120)
+  for s, run in enumerate(runs):
+    variables = {'params': jax.tree.map(lambda v: v[s], states.params),
+                 'batch_stats': jax.tree.map(lambda v: v[s], states.batch_stats)}
+    rows = precise_bn.sample(len(small_dataset.train_labels), 120, seed=s)
+    variables['batch_stats'] = precise_bn.population_stats(
+        model, variables, small_dataset.train_images[rows], batch_size=30)
+    expected = claims.accuracy(model, variables, small_dataset.val_images,
+                               small_dataset.val_labels)
+    assert run['final']['precise_val_accuracy'] == pytest.approx(expected, abs=1e-6)
+    assert {'precise_test_loss', 'precise_test_accuracy', 'precise_val_loss'} <= set(
+        run['final'])
+  # Without running statistics there is nothing to recompute.
+  runs, _ = loop.fit(models.create_model('mlp', norm='none', hidden=(16,)), small_dataset,
+                     seeds=(0,), batch_size=30, epochs=1, progress=False,
+                     precise_bn_examples=120)
+  assert 'precise_val_accuracy' not in runs[0]['final']
