@@ -142,7 +142,7 @@ class Programs:
 
 
 def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000,
-                     runner=ONE_DEVICE):
+                     runner=ONE_DEVICE, optimizer=None):
   """Initializes the states and compiles the train-chunk and eval programs ahead of time.
 
   Compiled programs land in jit's cache, so `fit` dispatches them without compiling; a sweep
@@ -152,7 +152,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   keys = _seed_keys(seeds)
   states = runner.put(jax.device_get(init_states(
-      model, keys[:, 0], learning_rate, (1,) + data.image_shape)))
+      model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer)))
   order = runner.abstract(
       (len(seeds), schedule.order_rows, schedule.batch_size), jnp.int32,
       split_last=True)
@@ -167,12 +167,13 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
-        should_stop=None, logger=None, precise_bn_examples=0):
+        should_stop=None, logger=None, precise_bn_examples=0, optimizer=None):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
   batches in train mode, validation loss/accuracy at the epoch's end, seconds), `curve`
-  (validation at every eval point, with steps and examples seen), `final` (last epoch's
+  (validation at every eval point, with steps and examples seen and the learning rate of the
+  last step), `final` (last epoch's
   numbers, test metrics, and eval-mode metrics over the whole training set) and `status`.
   Validation runs at the `Schedule`'s eval points: after step floor(j * S / E + 1/2) of each
   epoch of S steps, j = 1 .. E = `evals_per_epoch` (duplicates removed, the last at the
@@ -187,6 +188,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   `logger` (e.g. `summaries.RunSummaries`) gets `start(step)`, then `scalars(step, values)`
   at every eval point (validation and the learning rate), every epoch end (train metrics) and
   the end (test metrics), then `close(final)`.
+  `optimizer`: an Optax transformation from `optim.make_optimizer` (default: Adam at
+  `learning_rate`).
   `precise_bn_examples` > 0 (PreciseBN, `bn_jax.precise_bn`): after training, BN's population
   statistics are recomputed from that many training examples in batches of `batch_size`, and
   `final` also holds `precise_val_*` and `precise_test_*` (loss, accuracy) with them (models
@@ -203,7 +206,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   seeds = list(seeds)
   programs = programs or compile_programs(model, data, sched, seeds=seeds,
                                           learning_rate=learning_rate,
-                                          eval_batch_size=eval_batch_size, runner=runner)
+                                          eval_batch_size=eval_batch_size, runner=runner,
+                                          optimizer=optimizer)
   states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
   # Metrics over a whole split of `st`, by default the current `states` (read when called).
   evaluate_split = lambda split, st=None: means(runner.get(functools.reduce(
@@ -263,14 +267,15 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
           diverged_at[s] = diverged_at[s] or {'epoch': epoch + 1, 'step': step}
         if end in evals:
           val = evaluate_split('val')
+          rate = runner.get(states.opt_state.hyperparams['learning_rate'])  # the last step's
           for s in range(n):
             curve[s].append({'step': step, 'examples': sched.examples_after(step),
                              'val_loss': float(val['loss'][s]),
-                             'val_accuracy': float(val['accuracy'][s])})
+                             'val_accuracy': float(val['accuracy'][s]),
+                             'learning_rate': float(rate[s])})
           if logger:
             logger.scalars(step, {'val/loss': val['loss'], 'val/accuracy': val['accuracy'],
-                                  'learning_rate': runner.get(
-                                      states.opt_state.hyperparams['learning_rate'])})
+                                  'learning_rate': rate})
         if end < stop and checkpointer and checkpointer.due(step, last_saved, False):
           last_saved = save(epoch, end)
         if end < stop and should_stop and should_stop():

@@ -7,7 +7,9 @@ version that made it, so a finished run is found again and never mistaken for an
 """
 
 import datetime
+import atexit
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -39,8 +41,14 @@ def run_key(identity):
 def code_version(script=None):
   """The code a run is made with: a hash of the bn_jax sources and the script (`sources`,
   what decides whether a finished run can be re-used), and the git commit and dirty flag of
-  the checkout when there is one (for the record)."""
+  the checkout when there is one (for the record). Read once per process: the code that runs
+  is the code that was loaded, even if the files are edited while a study runs."""
   script = script if script is not None else getattr(sys.modules['__main__'], '__file__', '')
+  return _code_version(os.path.abspath(script) if script else '')
+
+
+@functools.lru_cache(maxsize=None)
+def _code_version(script):
   digest = hashlib.sha256()
   files = sorted(glob.glob(os.path.join(PACKAGE_DIR, '*.py')))
   if script and os.path.isfile(script):
@@ -249,6 +257,7 @@ def lock(workdir):
           f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
   f.flush()
   _LOCKS[path] = f
+  atexit.register(f.close)  # the OS would release it anyway; this keeps exit quiet
 
 
 def state_path(workdir, key, seed):

@@ -16,6 +16,7 @@ import ml_collections
 
 from bn_jax import data
 from bn_jax import models
+from bn_jax import optim
 from bn_jax import parallel
 
 
@@ -45,7 +46,16 @@ def base_config():
   c.activation = 'relu'
   c.bn_momentum = 0.99  # Keras' default, as in the original study (PyTorch's 0.1 is 0.9 here)
   c.bn_epsilon = 1e-3  # Keras' default (Flax and PyTorch use 1e-5)
-  c.learning_rate = 1e-3  # Adam
+  # Optimizer (bn_jax/optim.py): adam (the original study) | sgd | momentum | nesterov | adamw
+  c.optimizer = 'adam'
+  c.learning_rate = 1e-3
+  c.momentum = 0.9  # of momentum / nesterov
+  c.weight_decay = 0.0  # L2 (decoupled for adamw) on kernels ...
+  c.weight_decay_norms_and_biases = False  # ... and, if true, on biases and norm scales/shifts
+  c.lr_schedule = 'constant'  # constant | cosine | step | warmup_cosine
+  c.warmup_epochs = 0.0  # linear warm-up from 0 (constant, step, warmup_cosine)
+  c.lr_decay_epochs = ()  # step: multiply the rate by lr_decay_factor at these epochs
+  c.lr_decay_factor = 0.1
   c.batch_size = 32
   c.epochs = 5
   c.max_steps = 0  # a budget in steps instead of epochs (0: use epochs)
@@ -94,10 +104,19 @@ def identity(config, num_devices=1):
   run = {'data': c.data, 'val_fraction': c.val_fraction, 'split_seed': c.split_seed,
          'train_examples': c.train_examples, 'model': c.model, 'init_scale': c.init_scale,
          'dropout': c.dropout, 'activation': c.activation, 'norm': c.norm,
-         'optimizer': 'adam', 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
+         'optimizer': c.optimizer, 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
+         'lr_schedule': c.lr_schedule, 'weight_decay': c.weight_decay,
          'evals_per_epoch': c.evals_per_epoch, 'num_devices': num_devices}
   run.update({'hidden': list(c.hidden)} if c.model == 'mlp' else {'features': list(c.features)})
   run.update({'max_steps': c.max_steps} if c.max_steps else {'epochs': c.epochs})
+  if c.optimizer in ('momentum', 'nesterov'):
+    run['momentum'] = c.momentum
+  if c.weight_decay:
+    run['weight_decay_norms_and_biases'] = c.weight_decay_norms_and_biases
+  if c.warmup_epochs:
+    run['warmup_epochs'] = c.warmup_epochs
+  if c.lr_schedule == 'step':
+    run.update(lr_decay_epochs=list(c.lr_decay_epochs), lr_decay_factor=c.lr_decay_factor)
   if c.norm == 'batch':
     run.update(bn_stats=c.bn_stats, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)
     if c.bn_stats == 'ghost':
@@ -122,6 +141,19 @@ def make_model(config, data_parallel=False):
       bn_axis_name=(parallel.AXIS if norm == 'batch' and c.bn_stats == 'sync' and data_parallel
                     else None),
       init_scale=c.init_scale, **layers)
+
+
+def make_optimizer(config, steps_per_epoch, total_steps):
+  """The Optax optimizer (with its rate schedule) a config describes, for a run of
+  `total_steps` steps of which `steps_per_epoch` make an epoch."""
+  c = config
+  rate = optim.lr_schedule(c.lr_schedule, base_lr=c.learning_rate,
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                           warmup_epochs=c.warmup_epochs, decay_epochs=tuple(c.lr_decay_epochs),
+                           decay_factor=c.lr_decay_factor)
+  return optim.make_optimizer(c.optimizer, learning_rate=rate, momentum=c.momentum,
+                              weight_decay=c.weight_decay,
+                              weight_decay_norms_and_biases=c.weight_decay_norms_and_biases)
 
 
 def fit_args(config):
@@ -227,6 +259,14 @@ def validate(config, num_devices=1, num_train=None):
   _choice(c, 'on_code_change', ('refuse', 'retrain', 'reuse'))
   _choice(c, 'bn_batch_of_one', ('error', 'warn'))
   _choice(c, 'tensorboard', (True, False))
+  _choice(c, 'optimizer', optim.OPTIMIZERS)
+  _choice(c, 'lr_schedule', optim.SCHEDULES)
+  _choice(c, 'weight_decay_norms_and_biases', (True, False))
+  _fraction(c, 'momentum')
+  _check(c.weight_decay >= 0, f'weight_decay must be >= 0, got {c.weight_decay}.')
+  _check(c.warmup_epochs >= 0, f'warmup_epochs must be >= 0, got {c.warmup_epochs}.')
+  _check(0 < c.lr_decay_factor <= 1, f'lr_decay_factor must be in (0, 1], got '
+         f'{c.lr_decay_factor}.')
   _choice(c, 'progress', (True, False))
   _widths(c, 'hidden' if c.model == 'mlp' else 'features',
           '(128,)' if c.model == 'mlp' else '(32,64)')
@@ -255,6 +295,12 @@ def validate(config, num_devices=1, num_train=None):
          'multiple of the device count (or --config.devices).')
   if c.norm == 'batch':
     _check_bn_group(c, num_devices)
+  if num_train:  # the schedule's own checks (decay epochs, warm-up within the budget)
+    steps = -(-num_train // c.batch_size) if num_devices == 1 else num_train // c.batch_size
+    try:
+      make_optimizer(c, steps, c.max_steps or c.epochs * steps)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 def _check_bn_group(c, num_devices):

@@ -108,9 +108,10 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   def compile_one(c, seeds):
     schedule = loop.Schedule(device_data.size('train'), c.batch_size, c.epochs, c.max_steps,
                              c.chunk_steps, c.evals_per_epoch, runner.num_devices)
-    return loop.compile_programs(settings.make_model(c, data_parallel), device_data, schedule,
-                                 seeds=seeds, learning_rate=c.learning_rate,
-                                 eval_batch_size=c.eval_batch_size, runner=runner)
+    return loop.compile_programs(
+        settings.make_model(c, data_parallel), device_data, schedule, seeds=seeds,
+        learning_rate=c.learning_rate, eval_batch_size=c.eval_batch_size, runner=runner,
+        optimizer=settings.make_optimizer(c, schedule.steps_per_epoch, schedule.total_steps))
 
   new = {}
   with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool:

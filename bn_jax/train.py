@@ -22,14 +22,27 @@ from jax import lax
 
 
 class TrainState(train_state.TrainState):
-  """Params, Adam state and step, plus the BN running averages."""
+  """Params, optimizer state and step, plus the BN running averages."""
   batch_stats: Any = flax.struct.field(default_factory=dict)
 
 
-def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1)):
-  """Initializes params and BN statistics; Adam, its rate a state entry (so it can be vmapped)."""
+def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx=None):
+  """Initializes params, BN statistics and the optimizer state (its rate a vmappable entry).
+
+  Args:
+    model: a Flax module (`bn_jax.models.create_model`).
+    rng: the init key.
+    learning_rate: Adam's rate when `tx` is None (ignored otherwise).
+    input_shape: the shape of a dummy batch.
+    tx: an optimizer from `bn_jax.optim.make_optimizer`; None gives
+      `optax.inject_hyperparams(optax.adam)(learning_rate)`.
+
+  Returns:
+    A `TrainState`.
+  """
   variables = model.init({'params': rng}, jnp.zeros(input_shape, jnp.float32), train=False)
-  tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+  if tx is None:
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                            batch_stats=variables.get('batch_stats', {}))
 
@@ -44,7 +57,7 @@ def metric_sums(logits, labels, mask):
 
 
 def train_step(state, batch, rng, *, axis_name=None):
-  """One Adam step on `batch` ({'image', 'label', 'mask'}); returns (state, metric sums).
+  """One optimizer step on `batch` ({'image', 'label', 'mask'}); returns (state, metric sums).
 
   Under several devices the same function runs per device with `axis_name` set: the loss is
   the mean over the global batch, so summing gradients across devices averages them.
@@ -131,9 +144,11 @@ def over_seeds(fn, in_axes):
 
 
 # Seeds stacked on axis 0: one program trains / evaluates every seed of a configuration.
-init_states = jax.jit(
-    jax.vmap(create_train_state, in_axes=(None, 0, None, None)),
-    static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None):
+  """`create_train_state` for every seed's rng (stacked on axis 0); `tx` (static) as there."""
+  return jax.vmap(lambda rng: create_train_state(model, rng, learning_rate, input_shape, tx))(
+      rngs)
 train_chunks = jax.jit(
     lambda states, data, order, rngs, start, stop, num_steps: over_seeds(
         functools.partial(train_chunk, num_steps=num_steps),
