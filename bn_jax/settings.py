@@ -33,7 +33,15 @@ def base_config():
   c.split_seed = 42  # the validation split is the same for every run
   c.train_examples = 0  # > 0: train on this many examples (a fixed random subset); 0: all
   c.model = 'mlp'  # mlp | cnn
-  c.norm = 'batch'  # none | batch
+  c.norm = 'batch'  # batch | none | layer | group | batch_renorm (bn_jax/models.py)
+  c.norm_groups = 32  # GroupNorm: groups per layer (capped at its channel count)
+  # Batch Renorm (Ioffe 2017): r in [1/rmax, rmax], d in [-dmax, dmax]; plain BN for the first
+  # renorm_warmup_steps, then relaxed linearly to rmax by renorm_rmax_steps, dmax by ..._dmax_.
+  c.renorm_rmax = 3.0
+  c.renorm_dmax = 5.0
+  c.renorm_warmup_steps = 5000
+  c.renorm_rmax_steps = 40000
+  c.renorm_dmax_steps = 25000
   # Where BN's training statistics come from: 'sync' = the whole (global) batch; 'local' = each
   # device's part; 'ghost' = groups of bn_group_size examples (ghost BN), separating the
   # statistics batch from the optimizer's batch.
@@ -94,6 +102,12 @@ def base_config():
   return c
 
 
+NORMS = ('batch', 'none', 'layer', 'group', 'batch_renorm')
+RUNNING_STATS = ('batch', 'batch_renorm')  # norms with batch statistics and running averages
+RENORM_KEYS = ('renorm_rmax', 'renorm_dmax', 'renorm_warmup_steps', 'renorm_rmax_steps',
+               'renorm_dmax_steps')
+
+
 def identity(config, num_devices=1):
   """The settings that change a run's numbers (all its seeds): the run identity.
 
@@ -117,12 +131,18 @@ def identity(config, num_devices=1):
     run['warmup_epochs'] = c.warmup_epochs
   if c.lr_schedule == 'step':
     run.update(lr_decay_epochs=list(c.lr_decay_epochs), lr_decay_factor=c.lr_decay_factor)
-  if c.norm == 'batch':
-    run.update(bn_stats=c.bn_stats, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)
+  if c.norm != 'none':
+    run['bn_epsilon'] = c.bn_epsilon
+  if c.norm in RUNNING_STATS:
+    run.update(bn_stats=c.bn_stats, bn_momentum=c.bn_momentum)
     if c.bn_stats == 'ghost':
       run['bn_group_size'] = c.bn_group_size
     if c.precise_bn_examples:
       run['precise_bn_examples'] = c.precise_bn_examples
+  if c.norm == 'group':
+    run['norm_groups'] = c.norm_groups
+  if c.norm == 'batch_renorm':
+    run.update({k: c[k] for k in RENORM_KEYS})
   return run
 
 
@@ -135,12 +155,12 @@ def make_model(config, data_parallel=False):
   if norm == 'batch' and c.bn_stats == 'ghost':
     norm = 'ghost'
   layers = {'hidden': tuple(c.hidden)} if c.model == 'mlp' else {'features': tuple(c.features)}
+  synced = c.norm in RUNNING_STATS and c.bn_stats == 'sync' and data_parallel
   return models.create_model(
       c.model, norm=norm, dropout=c.dropout, activation=c.activation,
       bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, bn_group_size=c.bn_group_size,
-      bn_axis_name=(parallel.AXIS if norm == 'batch' and c.bn_stats == 'sync' and data_parallel
-                    else None),
-      init_scale=c.init_scale, **layers)
+      bn_axis_name=parallel.AXIS if synced else None, norm_groups=c.norm_groups,
+      **{k: c[k] for k in RENORM_KEYS}, init_scale=c.init_scale, **layers)
 
 
 def make_optimizer(config, steps_per_epoch, total_steps):
@@ -222,8 +242,8 @@ def _widths(config, key, example):
 
 # Checks of settings that only some scripts have (their grid lists), applied where present.
 GRID_CHECKS = {
-    'norms': lambda c: [_check(n in ('batch', 'none'), f"norms must list 'batch' and/or "
-                               f"'none', got {tuple(c.norms)}.") for n in c.norms or (None,)],
+    'norms': lambda c: [_check(n in NORMS, f'norms must list some of {NORMS}, got '
+                               f'{tuple(c.norms)}.') for n in c.norms or (None,)],
     'batch_sizes': lambda c: _widths(c, 'batch_sizes', '(16,32)'),
     'base_batch_size': lambda c: _at_least(c, 'base_batch_size', 1),
     'lr_scaling': lambda c: scaled_learning_rate(1.0, 1, 1, c.lr_scaling),
@@ -252,7 +272,7 @@ def validate(config, num_devices=1, num_train=None):
     raise ConfigError(str(e)) from None
   _fraction(c, 'val_fraction', low_open=True)
   _choice(c, 'model', models.MODELS)
-  _choice(c, 'norm', ('batch', 'none'))
+  _choice(c, 'norm', NORMS)
   _choice(c, 'bn_stats', parallel.BN_STATS)
   _choice(c, 'activation', models.ACTIVATIONS)
   _choice(c, 'parallel', parallel.KINDS)
@@ -293,14 +313,33 @@ def validate(config, num_devices=1, num_train=None):
   _check(c.batch_size % num_devices == 0,
          f'batch_size {c.batch_size} is not divisible by the {num_devices} devices: choose a '
          'multiple of the device count (or --config.devices).')
-  if c.norm == 'batch':
+  if c.norm in RUNNING_STATS:
     _check_bn_group(c, num_devices)
+  if c.norm == 'group':
+    _check_groups(c)
+  if c.norm == 'batch_renorm':
+    _check(c.bn_stats != 'ghost', "bn_stats='ghost' is ghost BN: with norm=batch_renorm use "
+           "bn_stats='sync' or 'local'.")
+    try:
+      models.norm_layer('batch_renorm', **{k[len('renorm_'):]: c[k] for k in RENORM_KEYS})
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if num_train:  # the schedule's own checks (decay epochs, warm-up within the budget)
     steps = -(-num_train // c.batch_size) if num_devices == 1 else num_train // c.batch_size
     try:
       make_optimizer(c, steps, c.max_steps or c.epochs * steps)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+
+
+def _check_groups(c):
+  _at_least(c, 'norm_groups', 1)
+  widths = c.hidden if c.model == 'mlp' else c.features
+  for width in widths:
+    groups = min(c.norm_groups, width)
+    _check(width % groups == 0, f'norm_groups={c.norm_groups} must divide the {width} channels '
+           f'of every normalized layer ({c.model} widths {tuple(widths)}): choose a divisor of '
+           f'{width}.')
 
 
 def _check_bn_group(c, num_devices):

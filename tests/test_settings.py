@@ -21,7 +21,11 @@ def _validate(**overrides):
     ({'epochs': 0}, 'nothing to train'),
     ({'batch_size': 0}, r'batch_size must be in \[1, the training set size\], got 0'),
     ({'model': 'resnet'}, "unknown model 'resnet'"),
-    ({'norm': 'layer'}, "unknown norm 'layer'"),
+    ({'norm': 'instance'}, "unknown norm 'instance'"),
+    ({'norm': 'group', 'hidden': (48,)}, 'norm_groups=32 must divide the 48 channels'),
+    ({'norm': 'batch_renorm', 'bn_stats': 'ghost', 'bn_group_size': 4}, "bn_stats='ghost' is "
+     'ghost BN'),
+    ({'norm': 'batch_renorm', 'renorm_rmax': 0.5}, 'renorm_rmax=0.5 must be >= 1'),
     ({'bn_stats': 'ghost'}, "bn_stats='ghost' needs --config.bn_group_size"),
     ({'learning_rate': -0.1}, 'learning_rate must be a positive number'),
     ({'learning_rate': float('nan')}, 'learning_rate must be a positive number'),
@@ -60,7 +64,7 @@ def test_bad_settings_fail_before_training(overrides, message):
 
 
 @pytest.mark.parametrize('key, value, message', [
-    ('norms', ('batch', 'layer'), "norms must list 'batch' and/or 'none'"),
+    ('norms', ('batch', 'instance'), 'norms must list some of'),
     ('batch_sizes', (16, 0), 'batch_sizes must list at least one positive integer width'),
     ('lr_scaling', 'cube', "unknown lr_scaling 'cube'"),
     ('lrs', (1e-3, -1.0), 'lrs must list positive rates'),
@@ -100,6 +104,14 @@ def test_identity_holds_only_the_settings_that_change_numbers():
                  dict(dropout=0.0), dict(evals_per_epoch=2), dict(split_seed=1)):
     assert results.run_key(settings.identity(settings.resolve(config, **change))) != key
   assert results.run_key(settings.identity(config, num_devices=8)) != key
+  # Each norm's own settings enter only with that norm.
+  group = settings.resolve(config, norm='group')
+  assert settings.identity(settings.resolve(group, norm_groups=8)) != settings.identity(group)
+  assert settings.identity(settings.resolve(group, bn_momentum=0.5, renorm_rmax=2.0)) == (
+      settings.identity(group))
+  renorm = settings.resolve(config, norm='batch_renorm')
+  assert settings.identity(settings.resolve(renorm, renorm_rmax=2.0)) != settings.identity(renorm)
+  assert settings.identity(settings.resolve(config, norm_groups=8)) == settings.identity(config)
   # Without BN its settings do not matter; with a step budget the epochs do not.
   none = settings.resolve(config, norm='none')
   assert settings.identity(none) == settings.identity(settings.resolve(none, bn_momentum=0.5))
@@ -133,6 +145,20 @@ def test_bn_stats_pick_the_statistics_group(bn_stats, data_parallel, kind, axis_
                                group_size=4)
   assert model.norm == expected
   assert settings.make_model(settings.resolve(config, norm='none'), data_parallel).norm is None
+
+
+@pytest.mark.parametrize('norm, kind', [('layer', models.LayerNormLayer),
+                                        ('group', models.GroupNormLayer),
+                                        ('batch_renorm', models.BatchRenormLayer)])
+def test_every_norm_reaches_the_model(norm, kind):
+  config = settings.resolve(settings.base_config(), norm=norm, norm_groups=16,
+                            renorm_rmax=2.0, bn_epsilon=1e-5)
+  model = settings.make_model(config, data_parallel=True)
+  assert isinstance(model.norm, kind) and model.norm.epsilon == 1e-5
+  if norm == 'group':
+    assert model.norm.groups == 16
+  if norm == 'batch_renorm':
+    assert model.norm.rmax == 2.0 and model.norm.axis_name == 'batch'  # synced over devices
 
 
 def test_config_sets_the_layers_of_either_model():
