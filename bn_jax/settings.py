@@ -16,6 +16,7 @@ import ml_collections
 
 from bn_jax import data
 from bn_jax import models
+from bn_jax import norms
 from bn_jax import optim
 from bn_jax import parallel
 
@@ -321,7 +322,7 @@ def validate(config, num_devices=1, num_train=None):
     _check(c.bn_stats != 'ghost', "bn_stats='ghost' is ghost BN: with norm=batch_renorm use "
            "bn_stats='sync' or 'local'.")
     try:
-      models.norm_layer('batch_renorm', **{k[len('renorm_'):]: c[k] for k in RENORM_KEYS})
+      norms.norm_layer('batch_renorm', **{k[len('renorm_'):]: c[k] for k in RENORM_KEYS})
     except ValueError as e:
       raise ConfigError(str(e)) from None
   if num_train:  # the schedule's own checks (decay epochs, warm-up within the budget)

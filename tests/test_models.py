@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bn_jax import models
+from bn_jax import norms
 from bn_jax import train
 
 X = np.array([[1., 2., -1.], [3., 0., -1.], [5., 4., -1.], [7., 2., 3.]], np.float32)
@@ -21,11 +22,11 @@ class _Norm(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
-    return models._normalize(self.norm, x, train, mask)
+    return norms.normalize(self.norm, x, train, mask)
 
 
 def _bn(momentum=0.9, epsilon=1e-3):
-  norm = _Norm(models.norm_layer('batch', momentum=momentum, epsilon=epsilon))
+  norm = _Norm(norms.norm_layer('batch', momentum=momentum, epsilon=epsilon))
   variables = norm.init(jax.random.key(0), jnp.asarray(X), train=False)
   return norm, variables
 
@@ -67,7 +68,7 @@ def test_running_averages_follow_closed_form_and_eval_uses_them():
 def test_running_mean_of_two_different_batches():
   # Batches of constant blocks, values 1 then 2, momentum 0.9:
   # after 1: 0.1 * 1 = 0.1; after 2: 0.9 * 0.1 + 0.1 * 2 = 0.29.
-  norm = _Norm(models.norm_layer('batch', momentum=0.9))
+  norm = _Norm(norms.norm_layer('batch', momentum=0.9))
   ones = jnp.ones((4, 3))
   variables = norm.init(jax.random.key(0), ones, train=False)
   stats = variables['batch_stats']
@@ -91,7 +92,7 @@ def test_mask_keeps_padding_out_of_batch_statistics():
 
 
 def test_conv_batchnorm_is_per_channel():
-  norm = _Norm(models.norm_layer('batch', epsilon=0.0))
+  norm = _Norm(norms.norm_layer('batch', epsilon=0.0))
   x = jax.random.normal(jax.random.key(1), (8, 5, 5, 3)) * jnp.array([1., 10., 100.])
   x = x + jnp.array([-5., 0., 50.])
   variables = norm.init(jax.random.key(0), x, train=False)
@@ -208,7 +209,7 @@ def test_bad_names_are_clear_errors():
 # --- Ghost BN --------------------------------------------------------------------------------
 
 def _ghost(group_size, momentum=0.9, epsilon=1e-3):
-  return models.GhostBatchNorm(group_size, momentum=momentum, epsilon=epsilon)
+  return norms.GhostBatchNorm(group_size, momentum=momentum, epsilon=epsilon)
 
 
 def test_ghost_bn_with_one_group_equals_batchnorm():
@@ -280,30 +281,30 @@ def test_ghost_mlp_trains_with_group_statistics():
 # --- Norm constructors -----------------------------------------------------------------------
 
 def test_norm_layer_none_means_no_normalization():
-  assert models.norm_layer('none') is None
+  assert norms.norm_layer('none') is None
   assert models.create_model('mlp', norm='none').norm is None
 
 
 def test_norm_layer_errors_name_the_choices():
   with pytest.raises(ValueError, match=r"unknown norm 'instance': choose one of \('none', 'batch'"):
-    models.norm_layer('instance')
+    norms.norm_layer('instance')
   for size in (0, -2):
     with pytest.raises(ValueError, match='needs bn_group_size > 0'):
-      models.norm_layer('ghost', group_size=size)
+      norms.norm_layer('ghost', group_size=size)
   with pytest.raises(ValueError, match='needs bn_group_size > 0'):
-    models.norm_layer('ghost', group_size=4).replace(group_size=0)
+    norms.norm_layer('ghost', group_size=4).replace(group_size=0)
 
 
 def test_equal_settings_give_equal_constructors_and_one_trace():
-  a = models.norm_layer('batch', momentum=0.9, axis_name='batch')
-  b = models.norm_layer('batch', momentum=0.9, axis_name='batch')
+  a = norms.norm_layer('batch', momentum=0.9, axis_name='batch')
+  b = norms.norm_layer('batch', momentum=0.9, axis_name='batch')
   assert a == b and hash(a) == hash(b) and a is not b
-  assert a != models.norm_layer('batch', momentum=0.99, axis_name='batch')
-  assert a.replace(momentum=0.99) == models.norm_layer('batch', axis_name='batch')
-  ghost = models.norm_layer('ghost', group_size=4)
-  assert ghost == models.norm_layer('ghost', group_size=4)
-  assert hash(ghost) == hash(models.norm_layer('ghost', group_size=4))
-  assert ghost != models.norm_layer('ghost', group_size=8) and ghost != a
+  assert a != norms.norm_layer('batch', momentum=0.99, axis_name='batch')
+  assert a.replace(momentum=0.99) == norms.norm_layer('batch', axis_name='batch')
+  ghost = norms.norm_layer('ghost', group_size=4)
+  assert ghost == norms.norm_layer('ghost', group_size=4)
+  assert hash(ghost) == hash(norms.norm_layer('ghost', group_size=4))
+  assert ghost != norms.norm_layer('ghost', group_size=8) and ghost != a
   m1 = models.create_model('mlp', hidden=(8,), bn_momentum=0.9)
   m2 = models.create_model('mlp', hidden=(8,), bn_momentum=0.9)
   assert m1 == m2 and hash(m1) == hash(m2)
@@ -366,7 +367,7 @@ def test_a_flax_style_partial_batchnorm_works_as_the_norm():
                                                  ('batch_renorm', {}, 'BatchRenorm_0')])
 def test_momentum_zero_running_averages_are_the_batch_statistics(kind, kwargs, layer):
   x = jax.random.uniform(jax.random.key(0), (10, 28, 28, 1))
-  model = models.MLP(hidden=(6,), dropout=0.0, norm=models.norm_layer(kind, **kwargs))
+  model = models.MLP(hidden=(6,), dropout=0.0, norm=norms.norm_layer(kind, **kwargs))
   variables = model.init(jax.random.key(1), x, train=False)
   exact = model.clone(norm=model.norm.replace(momentum=0.0))
   assert exact.norm.momentum == 0.0 and model.norm.momentum == 0.99
@@ -410,7 +411,7 @@ def _renorm_variables(steps, gamma=np.ones(4, np.float32), beta=np.zeros(4, np.f
     (100, {}, [1, 1, 1, 1], [0, 0, 0, 0]),  # warm-up: plain BN
 ])
 def test_renorm_r_and_d_have_their_closed_forms_and_clip(steps, kwargs, r, d):
-  layer = models.BatchRenorm(momentum=0.9, epsilon=0.0, **kwargs)
+  layer = norms.BatchRenorm(momentum=0.9, epsilon=0.0, **kwargs)
   y, state = layer.apply(_renorm_variables(steps), X_R, mutable=['batch_stats', 'intermediates'])
   np.testing.assert_allclose(state['intermediates']['r'][0], r, rtol=1e-6)
   np.testing.assert_allclose(state['intermediates']['d'][0], d, rtol=1e-6, atol=1e-7)
@@ -425,7 +426,7 @@ def test_renorm_r_and_d_have_their_closed_forms_and_clip(steps, kwargs, r, d):
 def test_renorm_scale_and_bias_and_eval_mode():
   gamma, beta = np.array([2, 1, 1, 3], np.float32), np.array([0, 1, 0, -1], np.float32)
   variables = _renorm_variables(7, gamma, beta)
-  layer = models.BatchRenorm(momentum=0.9, epsilon=0.0, **NO_SCHEDULE)
+  layer = norms.BatchRenorm(momentum=0.9, epsilon=0.0, **NO_SCHEDULE)
   y, _ = layer.apply(variables, X_R, mutable=['batch_stats'])
   r, d = np.array([1 / 2, 3, 2, 1 / 3]), np.array([1 / 4, 4, 5, 0])
   np.testing.assert_allclose(y, gamma * (X_HAT * r + d) + beta, rtol=1e-6, atol=1e-6)
@@ -441,7 +442,7 @@ def test_no_gradient_flows_through_r_and_d():
   # BN's, scaled by r:  dx = r / sigma_B * (g - mean(g) - x_hat * mean(g * x_hat)), g = gamma w.
   gamma = np.array([2, 1, 1, 3], np.float32)
   variables = _renorm_variables(7, gamma)
-  layer = models.BatchRenorm(momentum=0.9, epsilon=0.0, **NO_SCHEDULE)
+  layer = norms.BatchRenorm(momentum=0.9, epsilon=0.0, **NO_SCHEDULE)
   w = np.asarray(jax.random.normal(jax.random.key(0), X_R.shape), np.float64)
   loss = lambda x: jnp.sum(w * layer.apply(variables, x, mutable=['batch_stats'])[0])
   grad = jax.grad(loss)(jnp.asarray(X_R))
@@ -460,8 +461,8 @@ def test_renorm_with_rmax_1_dmax_0_equals_batchnorm(kwargs, shape):
   # r_max = 1, d_max = 0: set directly, or the default schedule's warm-up (step 0).
   x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
   mask = np.array([1, 1, 1, 0, 1, 0], bool)
-  renorm = _Norm(models.norm_layer('batch_renorm', momentum=0.9, **kwargs))
-  bn = _Norm(models.norm_layer('batch', momentum=0.9))
+  renorm = _Norm(norms.norm_layer('batch_renorm', momentum=0.9, **kwargs))
+  bn = _Norm(norms.norm_layer('batch', momentum=0.9))
   features = shape[-1]
   params = {'scale': np.linspace(0.5, 2, features), 'bias': np.linspace(-1, 1, features)}
   stats = {'mean': np.linspace(-3, 3, features), 'var': np.linspace(0.5, 4, features)}
@@ -480,7 +481,7 @@ def test_renorm_with_rmax_1_dmax_0_equals_batchnorm(kwargs, shape):
 
 
 def test_renorm_masks_padding_out_of_its_statistics():
-  layer = models.BatchRenorm(momentum=0.9, epsilon=0.0, **NO_SCHEDULE)
+  layer = norms.BatchRenorm(momentum=0.9, epsilon=0.0, **NO_SCHEDULE)
   padded = np.concatenate([X_R, 100 * np.ones((2, 4), np.float32)])
   mask = np.array([1, 1, 1, 1, 0, 0], bool)[:, None]
   y, up = layer.apply(_renorm_variables(7), padded, mask=mask, mutable=['batch_stats'])
@@ -494,7 +495,7 @@ def test_renorm_statistics_synced_over_a_device_axis_equal_one_batch():
   x = jax.random.normal(jax.random.key(0), (8, 3)) * 3 + 2
   running = {'mean': np.array([0., 1., 2.]), 'var': np.array([1., 4., 9.]), 'steps': 0.0}
   variables = {'params': {'scale': np.ones(3), 'bias': np.zeros(3)}, 'batch_stats': running}
-  layer = models.BatchRenorm(momentum=0.9, **NO_SCHEDULE)
+  layer = norms.BatchRenorm(momentum=0.9, **NO_SCHEDULE)
   synced = layer.clone(axis_name='devices')
   y, up = jax.vmap(lambda x: synced.apply(variables, x, mutable=['batch_stats']),
                    axis_name='devices')(x.reshape(2, 4, 3))
@@ -513,20 +514,20 @@ def test_renorm_statistics_synced_over_a_device_axis_equal_one_batch():
     (10**6, 3.0, 5.0),
 ])
 def test_renorm_schedule(steps, r_max, d_max):
-  got = models.renorm_limits(steps)  # Ioffe 2017's schedule is the default
+  got = norms.renorm_limits(steps)  # Ioffe 2017's schedule is the default
   np.testing.assert_allclose(got, (r_max, d_max), rtol=1e-6)
 
 
 def test_renorm_schedule_edges_and_step_counter():
   # A ramp that ends when the warm-up does jumps there; no warm-up: the final limits at once.
-  limits = functools.partial(models.renorm_limits, rmax=2.0, dmax=1.0, warmup_steps=10,
+  limits = functools.partial(norms.renorm_limits, rmax=2.0, dmax=1.0, warmup_steps=10,
                              rmax_steps=10, dmax_steps=20)
   np.testing.assert_allclose(limits(9), (1.0, 0.0))
   np.testing.assert_allclose(limits(10), (2.0, 0.0))
   np.testing.assert_allclose(limits(15), (2.0, 0.5))
-  np.testing.assert_allclose(models.renorm_limits(0, **NO_SCHEDULE), (3.0, 5.0))
+  np.testing.assert_allclose(norms.renorm_limits(0, **NO_SCHEDULE), (3.0, 5.0))
   # The counter counts train-mode steps only (not init, not eval).
-  layer = models.BatchRenorm()
+  layer = norms.BatchRenorm()
   variables = layer.init(jax.random.key(0), X_R)
   assert float(variables['batch_stats']['steps']) == 0
   _, up = layer.clone(use_running_average=True).apply(variables, X_R, mutable=['batch_stats'])
@@ -543,7 +544,7 @@ def test_renorm_settings_are_checked():
                           (dict(rmax_steps=100), 'renorm_rmax_steps=100 is before the warm-up'),
                           (dict(dmax_steps=100), 'renorm_dmax_steps=100 is before the warm-up')]:
     with pytest.raises(ValueError, match=message):
-      models.norm_layer('batch_renorm', **kwargs)
+      norms.norm_layer('batch_renorm', **kwargs)
   with pytest.raises(ValueError, match='renorm_rmax=0.9 must be >= 1'):
     models.create_model('mlp', norm='batch_renorm', renorm_rmax=0.9)
 
@@ -553,7 +554,7 @@ def test_renorm_settings_are_checked():
 def test_layernorm_normalizes_each_example_over_all_its_axes():
   # Wu & He 2018: LN on a conv map normalizes over (H, W, C); scale and bias per channel.
   x = jax.random.normal(jax.random.key(0), (3, 2, 2, 4)) * jnp.array([1., 5., 10., 2.]) + 3
-  norm = _Norm(models.norm_layer('layer', epsilon=1e-3))
+  norm = _Norm(norms.norm_layer('layer', epsilon=1e-3))
   variables = norm.init(jax.random.key(0), x, train=False)
   assert set(variables) == {'params'}
   assert variables['params']['LayerNorm_0']['scale'].shape == (4,)
@@ -563,7 +564,7 @@ def test_layernorm_normalizes_each_example_over_all_its_axes():
     y = norm.apply(variables, x, train=train, mask=np.array([1, 1, 0]))
     np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-3), rtol=1e-4, atol=1e-5)
   # It equals GroupNorm with one group; on Dense outputs it normalizes over the features.
-  one_group = _Norm(models.norm_layer('group', groups=1, epsilon=1e-3))
+  one_group = _Norm(norms.norm_layer('group', groups=1, epsilon=1e-3))
   as_group = {'params': {'GroupNorm_0': variables['params']['LayerNorm_0']}}
   np.testing.assert_allclose(one_group.apply(as_group, x, train=True),
                              norm.apply(variables, x, train=True), rtol=1e-5, atol=1e-5)
@@ -574,7 +575,7 @@ def test_layernorm_normalizes_each_example_over_all_its_axes():
 
 def test_groupnorm_normalizes_groups_of_channels_per_example():
   x = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 3, 6)), np.float64) * 4 + 1
-  norm = _Norm(models.norm_layer('group', groups=3, epsilon=1e-3))
+  norm = _Norm(norms.norm_layer('group', groups=3, epsilon=1e-3))
   variables = norm.init(jax.random.key(0), x, train=False)
   assert set(variables) == {'params'}
   groups = x.reshape(2, 3, 3, 3, 2)  # 3 groups of 2 channels: over H, W and the group's channels
@@ -591,11 +592,11 @@ def test_groupnorm_normalizes_groups_of_channels_per_example():
 
 def test_groups_are_capped_at_the_channels_and_must_divide_them():
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 16))
-  capped = _Norm(models.norm_layer('group', groups=32))  # 16 channels: 16 groups of one
+  capped = _Norm(norms.norm_layer('group', groups=32))  # 16 channels: 16 groups of one
   variables = capped.init(jax.random.key(0), x, train=False)
   y = capped.apply(variables, x, train=True)
   for groups, same in ((16, True), (8, False)):
-    other = _Norm(models.norm_layer('group', groups=groups)).apply(
+    other = _Norm(norms.norm_layer('group', groups=groups)).apply(
         {'params': variables['params']}, x, train=True)
     assert np.allclose(y, other, atol=1e-6) == same
   model = models.create_model('cnn', norm='group', features=(16, 48), norm_groups=32)
@@ -635,14 +636,14 @@ def test_new_constructors_compare_hash_and_replace():
   for kind, kwargs, change in [('batch_renorm', dict(rmax=2.0, axis_name='b'), dict(dmax=1.0)),
                                ('layer', dict(epsilon=1e-5), dict(epsilon=1e-3)),
                                ('group', dict(groups=8), dict(groups=4))]:
-    a, b = models.norm_layer(kind, **kwargs), models.norm_layer(kind, **kwargs)
+    a, b = norms.norm_layer(kind, **kwargs), norms.norm_layer(kind, **kwargs)
     assert a == b and hash(a) == hash(b) and a is not b
     assert a.replace(**change) != a and a.replace(**change).replace(**{
         k: getattr(a, k) for k in change}) == a
-  renorm = models.norm_layer('batch_renorm', momentum=0.9)
+  renorm = norms.norm_layer('batch_renorm', momentum=0.9)
   assert renorm.replace(momentum=0.0).momentum == 0.0 and renorm.momentum == 0.9
   with pytest.raises(ValueError, match='LayerNormLayer has no setting momentum'):
-    models.norm_layer('layer').replace(momentum=0.0)
+    norms.norm_layer('layer').replace(momentum=0.0)
 
 
 @pytest.mark.parametrize('name, kwargs', [('mlp', dict(hidden=(8,))),

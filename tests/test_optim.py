@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from bn_jax import models
+from bn_jax import norms
 from bn_jax import optim
 from bn_jax import train
 
@@ -73,7 +74,7 @@ def test_momentum_on_a_dense_layer_with_squared_loss():
   np.testing.assert_allclose(params['bias'], b1 - LR * v2b, rtol=1e-6)
 
 
-@pytest.mark.parametrize('norm', models.NORMS)
+@pytest.mark.parametrize('norm', norms.NORMS)
 def test_decay_mask_is_true_only_for_kernels(norm):
   kw = {'bn_group_size': 2} if norm == 'ghost' else {}
   model = models.create_model('mlp', norm=norm, hidden=(32,), **kw)

@@ -7,6 +7,7 @@ import pytest
 
 from bn_jax import cli
 from bn_jax import models
+from bn_jax import norms
 from bn_jax import results
 from bn_jax import settings
 
@@ -141,15 +142,15 @@ def test_learning_rate_scaling_rules():
 def test_bn_stats_pick_the_statistics_group(bn_stats, data_parallel, kind, axis_name):
   config = settings.resolve(settings.base_config(), bn_stats=bn_stats, bn_group_size=4)
   model = settings.make_model(config, data_parallel)
-  expected = models.norm_layer(kind, momentum=0.99, epsilon=1e-3, axis_name=axis_name,
+  expected = norms.norm_layer(kind, momentum=0.99, epsilon=1e-3, axis_name=axis_name,
                                group_size=4)
   assert model.norm == expected
   assert settings.make_model(settings.resolve(config, norm='none'), data_parallel).norm is None
 
 
-@pytest.mark.parametrize('norm, kind', [('layer', models.LayerNormLayer),
-                                        ('group', models.GroupNormLayer),
-                                        ('batch_renorm', models.BatchRenormLayer)])
+@pytest.mark.parametrize('norm, kind', [('layer', norms.LayerNormLayer),
+                                        ('group', norms.GroupNormLayer),
+                                        ('batch_renorm', norms.BatchRenormLayer)])
 def test_every_norm_reaches_the_model(norm, kind):
   config = settings.resolve(settings.base_config(), norm=norm, norm_groups=16,
                             renorm_rmax=2.0, bn_epsilon=1e-5)
