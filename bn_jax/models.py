@@ -6,12 +6,17 @@ normalization (the layer before it then keeps its bias). `create_model(name, nor
 bn_momentum=..., ...)` builds a model by name from the settings. The norms themselves are in
 `bn_jax/norms.py` (their names are also importable from here).
 
+Mixed precision (`dtype=jnp.bfloat16`, as Flax's examples/imagenet): convolutions and Dense
+layers compute in bfloat16 while their parameters stay float32; the norms compute in float32
+(their output is promoted to their float32 parameters' dtype, and Flax reduces batch
+statistics in float32), and the logits are float32 for the loss.
+
 The CNN's 3x3 convolutions are `nn.Conv` layers computed as patches x kernel matmuls on CPU
 (`patch_conv`): XLA's CPU convolutions are ~17x slower inside a loop body (the `lax.scan` of
 `train_chunk`; jax-ml/jax#12868) because their gradients stay in non-canonical layouts there.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,20 +36,21 @@ class MLP(nn.Module):
   dropout: float = 0.2
   activation: str = 'relu'
   init_scale: float = 1.0  # hidden weights at init: this times LeCun-normal
+  dtype: Any = jnp.float32  # compute dtype of the Dense layers (params stay float32)
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
     init = nn.initializers.variance_scaling(self.init_scale**2, 'fan_in', 'truncated_normal')
-    x = x.reshape((x.shape[0], -1))
+    x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for width in self.hidden:
       # No bias before BN: BN subtracts it again, so its gradient is rounding noise, which
       # Adam would blow up into random steps (the original Keras model had the redundant bias).
-      x = nn.Dense(width, use_bias=self.norm is None, kernel_init=init)(x)
+      x = nn.Dense(width, use_bias=self.norm is None, kernel_init=init, dtype=self.dtype)(x)
       x = norms.normalize(self.norm, x, train, mask)
       x = act(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -95,6 +101,7 @@ class CNN(nn.Module):
   activation: str = 'relu'
   init_scale: float = 1.0  # conv and hidden Dense weights at init: this times LeCun-normal
   conv: str = 'auto'  # 'patches' (patch_conv) | 'xla' | 'auto': patches on CPU, else xla
+  dtype: Any = jnp.float32  # compute dtype of convs and Dense layers (params stay float32)
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
@@ -104,17 +111,18 @@ class CNN(nn.Module):
       raise ValueError(f"unknown conv {self.conv!r}: choose 'auto', 'patches' or 'xla'.")
     patches = self.conv == 'patches' or (self.conv == 'auto' and jax.default_backend() == 'cpu')
     conv = patch_conv if patches else None  # None: nn.Conv's own lax.conv_general_dilated
+    x = x.astype(self.dtype)
     for i, width in enumerate(self.features):
       x = nn.Conv(width, (3, 3), use_bias=self.norm is None, kernel_init=init,
-                  conv_general_dilated=conv)(x)
+                  conv_general_dilated=conv, dtype=self.dtype)(x)
       x = norms.normalize(self.norm, x, train, mask)  # BN on conv maps: statistics per channel
       x = act(x)
       if i < self.pools:
         x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
-    x = act(nn.Dense(self.dense, kernel_init=init)(x))
+    x = act(nn.Dense(self.dense, kernel_init=init, dtype=self.dtype)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 MODELS = {'mlp': MLP, 'cnn': CNN}

@@ -12,6 +12,7 @@ the seed count re-uses every finished run.
 import math
 import warnings
 
+import jax.numpy as jnp
 import ml_collections
 
 from bn_jax import data
@@ -53,6 +54,9 @@ def base_config():
   c.init_scale = 1.0  # hidden (and conv) weights at init: this times LeCun-normal
   c.dropout = 0.2
   c.activation = 'relu'
+  # bfloat16 compute for convs and Dense layers (GPU/TPU); params, optimizer state and the
+  # norms stay float32 (as Flax's examples/imagenet; on CPU bfloat16 is slower)
+  c.half_precision = False
   c.bn_momentum = 0.99  # Keras' default, as in the original study (PyTorch's 0.1 is 0.9 here)
   c.bn_epsilon = 1e-3  # Keras' default (Flax and PyTorch use 1e-5)
   # Optimizer (bn_jax/optim.py): adam (the original study) | sgd | momentum | nesterov | adamw
@@ -119,6 +123,7 @@ def identity(config, num_devices=1):
   run = {'data': c.data, 'val_fraction': c.val_fraction, 'split_seed': c.split_seed,
          'train_examples': c.train_examples, 'model': c.model, 'init_scale': c.init_scale,
          'dropout': c.dropout, 'activation': c.activation, 'norm': c.norm,
+         'compute_dtype': 'bfloat16' if c.half_precision else 'float32',
          'optimizer': c.optimizer, 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
          'lr_schedule': c.lr_schedule, 'weight_decay': c.weight_decay,
          'evals_per_epoch': c.evals_per_epoch, 'num_devices': num_devices}
@@ -161,7 +166,8 @@ def make_model(config, data_parallel=False):
       c.model, norm=norm, dropout=c.dropout, activation=c.activation,
       bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, bn_group_size=c.bn_group_size,
       bn_axis_name=parallel.AXIS if synced else None, norm_groups=c.norm_groups,
-      **{k: c[k] for k in RENORM_KEYS}, init_scale=c.init_scale, **layers)
+      **{k: c[k] for k in RENORM_KEYS}, init_scale=c.init_scale,
+      dtype=jnp.bfloat16 if c.half_precision else jnp.float32, **layers)
 
 
 def make_optimizer(config, steps_per_epoch, total_steps):
@@ -280,6 +286,7 @@ def validate(config, num_devices=1, num_train=None):
   _choice(c, 'on_code_change', ('refuse', 'retrain', 'reuse'))
   _choice(c, 'bn_batch_of_one', ('error', 'warn'))
   _choice(c, 'tensorboard', (True, False))
+  _choice(c, 'half_precision', (True, False))
   _choice(c, 'optimizer', optim.OPTIMIZERS)
   _choice(c, 'lr_schedule', optim.SCHEDULES)
   _choice(c, 'weight_decay_norms_and_biases', (True, False))

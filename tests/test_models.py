@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bn_jax import loop
 from bn_jax import models
 from bn_jax import norms
 from bn_jax import train
@@ -664,3 +665,33 @@ def test_one_train_step_with_each_norm_changes_the_params(name, kwargs, norm):
     assert np.abs(new.batch_stats['BatchRenorm_0']['mean']).max() > 0
   else:
     assert new.batch_stats == {} and state.batch_stats == {}
+
+
+@pytest.mark.parametrize('name, layers', [('mlp', {'hidden': (32,)}),
+                                          ('cnn', {'features': (8, 8), 'dense': 16})])
+def test_half_precision_computes_in_bf16_and_keeps_bn_in_float32(name, layers):
+  x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+  full = models.create_model(name, norm='batch', dropout=0.0, **layers)
+  half = models.create_model(name, norm='batch', dropout=0.0, dtype=jnp.bfloat16, **layers)
+  variables = full.init(jax.random.key(1), x, train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  logits, mutated = half.apply(variables, x, train=True, capture_intermediates=True,
+                               mutable=['batch_stats', 'intermediates'])
+  updates, inter = mutated['batch_stats'], mutated['intermediates']
+  layer = 'Dense_0' if name == 'mlp' else 'Conv_0'
+  assert inter[layer]['__call__'][0].dtype == jnp.bfloat16  # computes in bf16
+  assert inter['BatchNorm_0']['__call__'][0].dtype == jnp.float32
+  assert logits.dtype == jnp.float32
+  ref_logits, ref = full.apply(variables, x, train=True, mutable=['batch_stats'])
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref['batch_stats'])):
+    assert a.dtype == jnp.float32  # running statistics stay float32 ...
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)  # ... within bf16's precision
+  np.testing.assert_allclose(logits, ref_logits, rtol=5e-2, atol=5e-2)
+
+
+def test_half_precision_training_lowers_the_loss(small_dataset):
+  model = models.create_model('mlp', norm='batch', hidden=(32,), dtype=jnp.bfloat16)
+  runs, _ = loop.fit(model, small_dataset, seeds=(0,), batch_size=30, epochs=3,
+                     progress=False)
+  losses = [h['train_loss'] for h in runs[0]['history']]
+  assert losses[-1] < losses[0] and np.isfinite(losses).all()
