@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from _limits import HANG_SECONDS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,7 +19,7 @@ def test_speed_benchmark_writes_every_section(tmp_path):
   run = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'speed.py'),
                         '--data=synthetic:600', '--epochs=1', '--seed_counts=1,2',
                         '--skip_torch', f'--out={out}'], capture_output=True, text=True,
-                       timeout=600, env=env, check=False)
+                       timeout=HANG_SECONDS, env=env, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(out.read_text())
   assert {'grid_cold', 'grid_warm', 'seeds', 'matmul_flops', 'throughput',

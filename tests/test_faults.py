@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from _limits import HANG_SECONDS
+
 from bn_jax import data
 from bn_jax import settings
 from bn_jax import sweep
@@ -19,7 +21,7 @@ VOLATILE = ('wall_seconds', 'compile_seconds', 'finished')
 
 def _sweep(workdir, kill_after=0):
   return subprocess.run([sys.executable, os.path.join(HERE, '_sweep_worker.py'), str(workdir),
-                         str(kill_after)], capture_output=True, text=True, timeout=300,
+                         str(kill_after)], capture_output=True, text=True, timeout=HANG_SECONDS,
                         env=ENV, check=False)
 
 

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from _limits import HANG_SECONDS
+
 from bn_jax import interrupt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,19 +39,22 @@ def _records(workdir):
 def _start_and_signal(workdir, *signals):
   proc = subprocess.Popen(_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, env=ENV)
-  deadline = time.time() + 120
-  while not (workdir / 'checkpoints').exists() and time.time() < deadline:
-    time.sleep(0.05)  # the first run's checkpointer exists: it is compiling or training
+  # Until the first run's checkpointer exists (it is compiling or training), however long the
+  # start takes on a busy machine; a signal before it would find no run to stop.
+  deadline = time.monotonic() + HANG_SECONDS
+  while (not (workdir / 'checkpoints').exists() and proc.poll() is None
+         and time.monotonic() < deadline):
+    time.sleep(0.05)
   for s in signals:
     proc.send_signal(s)
-  out, err = proc.communicate(timeout=300)
+  out, err = proc.communicate(timeout=HANG_SECONDS)
   return proc.returncode, out, err
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path):
   clean = subprocess.run(_command(tmp_path / 'clean'), capture_output=True, text=True,
-                         timeout=300, env=ENV, check=False)
+                         timeout=HANG_SECONDS, env=ENV, check=False)
   assert clean.returncode == 0, clean.stderr[-3000:]
   code, _, err = _start_and_signal(tmp_path / 'run', signal.SIGTERM)
   assert code == 128 + signal.SIGTERM, err[-3000:]
@@ -62,7 +67,7 @@ def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path):
   assert os.listdir(tmp_path / 'run' / 'checkpoints')  # ... and saved where it stopped
   assert step > 0
   resumed = subprocess.run(_command(tmp_path / 'run'), capture_output=True, text=True,
-                           timeout=300, env=ENV, check=False)
+                           timeout=HANG_SECONDS, env=ENV, check=False)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert _records(tmp_path / 'run') == _records(tmp_path / 'clean')  # bit-identical on CPU
 

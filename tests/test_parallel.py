@@ -1,5 +1,6 @@
 """Data parallelism on 8 simulated CPU devices (see conftest) and on 2 processes."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -8,6 +9,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+
+from _limits import HANG_SECONDS
 
 from bn_jax import data
 from bn_jax import loop
@@ -127,29 +130,47 @@ def test_bad_device_settings_are_clear_errors(dataset):
     _fit(dataset, parallel.DataParallel(8), norm='ghost', bn_group_size=3, epochs=1)
 
 
-def _free_port():
+@contextlib.contextmanager
+def _reserved_port():
+  """A loopback port that stays reserved until the block ends.
+
+  Binding port 0 and closing the socket before the coordinator binds the number leaves a
+  window in which any other socket can take it: another process's bind, or an outgoing
+  connection's ephemeral port (a worker's own gRPC client retrying before the coordinator
+  listens can even connect to itself on that port). The coordinator then fails with 'Failed
+  to start RPC server'. So the socket stays bound while the workers run: with SO_REUSEPORT,
+  which gRPC also sets on its listening socket, the coordinator can bind the same port, while
+  the kernel gives the port to no ephemeral bind or connect. It never listens, so every
+  connection reaches the coordinator.
+  """
   with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+    yield s.getsockname()[1]
 
 
 def _launch(nproc, ndev, out):
-  port = _free_port()
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
   env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, '_multihost_worker.py'),
-                             str(i), str(nproc), str(ndev), str(port), str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(nproc)]
-  try:
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-  finally:
-    for p in procs:  # never leave a process behind, whatever happened
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  # Each worker writes to its own log file, not a pipe: a pipe nobody reads while we wait for
+  # another worker would block a chatty worker, and the collectives the others wait in.
+  logs = [out.parent / f'{out.stem}_{i}.log' for i in range(nproc)]
+  with _reserved_port() as port, contextlib.ExitStack() as files:
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, '_multihost_worker.py'),
+                               str(i), str(nproc), str(ndev), str(port), str(out)], env=env,
+                              stdout=files.enter_context(open(log, 'w')),
+                              stderr=subprocess.STDOUT)
+             for i, log in enumerate(logs)]
+    try:
+      for p in procs:
+        p.wait(timeout=HANG_SECONDS)
+    finally:
+      for p in procs:  # never leave a process behind, whatever happened
+        if p.poll() is None:
+          p.kill()
+          p.wait()
   for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+    assert p.returncode == 0, log.read_text()[-3000:]
   return dict(np.load(out))
 
 

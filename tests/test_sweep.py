@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from _limits import HANG_SECONDS
+
 from bn_jax import data
 from bn_jax import loop
 from bn_jax import report
@@ -52,7 +54,7 @@ def test_bn_vs_no_bn_script_end_to_end(tmp_path):
          f'--workdir={workdir}', '--config.data=synthetic:600', '--config.seeds=2',
          '--config.epochs=2', '--config.batch_size=64', '--config.progress=false',
          f'--config.compilation_cache_dir={tmp_path / "cache"}']
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, check=False,
                        env=SCRIPT_ENV)
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in open(workdir / 'results.jsonl')]
@@ -87,7 +89,7 @@ def _run_batch_sizes(workdir, cache):
          f'--workdir={workdir}', '--config.data=synthetic:600', '--config.seeds=2',
          '--config.batch_sizes=(32,64)', '--config.epochs=2', '--config.progress=false',
          '--config.target_val_accuracy=0.5', f'--config.compilation_cache_dir={cache}']
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, check=False,
                        env=SCRIPT_ENV)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
@@ -129,7 +131,8 @@ def test_script_on_simulated_devices_with_pmap_and_ghost_bn(tmp_path):
          '--config.devices=4', '--config.parallel=pmap', '--config.bn_stats=ghost',
          '--config.bn_group_size=4', '--config.compilation_cache=false']
   env = {**SCRIPT_ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, check=False,
+                       env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   (record,) = [json.loads(line) for line in open(tmp_path / 'results.jsonl')]
   assert record['devices'] == {'platform': 'cpu', 'count': 4, 'processes': 1}
@@ -258,7 +261,7 @@ def _run_script(script, workdir, *flags):
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', script), f'--workdir={workdir}',
          '--config.data=synthetic:600', '--config.progress=false',
          '--config.compilation_cache=false', *flags]
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, check=False,
                         env=SCRIPT_ENV)
 
 
