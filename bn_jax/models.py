@@ -127,6 +127,9 @@ class CNN(nn.Module):
 
 MODELS = {'mlp': MLP, 'cnn': CNN}
 
+from bn_jax import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+MODELS['resnet'] = resnet.ResNet  # below: the ResNet builds on this module's convolutions
+
 
 def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
                  bn_axis_name=None, bn_group_size=0, norm_groups=32, renorm_rmax=3.0,

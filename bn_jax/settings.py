@@ -34,7 +34,9 @@ def base_config():
   c.val_fraction = 0.1
   c.split_seed = 42  # the validation split is the same for every run
   c.train_examples = 0  # > 0: train on this many examples (a fixed random subset); 0: all
-  c.model = 'mlp'  # mlp | cnn
+  c.model = 'mlp'  # mlp | cnn | resnet
+  c.resnet_depth = 20  # 6n+2: the CIFAR ResNet of He et al. 2016 (20, 32, 44, 56, 110)
+  c.resnet_width = 16  # channels of the first stage (then 2x, 4x)
   c.norm = 'batch'  # batch | none | layer | group | batch_renorm (bn_jax/models.py)
   c.norm_groups = 32  # GroupNorm: groups per layer (capped at its channel count)
   # Batch Renorm (Ioffe 2017): r in [1/rmax, rmax], d in [-dmax, dmax]; plain BN for the first
@@ -121,13 +123,13 @@ def identity(config, num_devices=1):
   """
   c = config
   run = {'data': c.data, 'val_fraction': c.val_fraction, 'split_seed': c.split_seed,
-         'train_examples': c.train_examples, 'model': c.model, 'init_scale': c.init_scale,
-         'dropout': c.dropout, 'activation': c.activation, 'norm': c.norm,
+         'train_examples': c.train_examples, 'model': c.model, 'norm': c.norm,
          'compute_dtype': 'bfloat16' if c.half_precision else 'float32',
          'optimizer': c.optimizer, 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
          'lr_schedule': c.lr_schedule, 'weight_decay': c.weight_decay,
          'evals_per_epoch': c.evals_per_epoch, 'num_devices': num_devices}
-  run.update({'hidden': list(c.hidden)} if c.model == 'mlp' else {'features': list(c.features)})
+  run.update({k: list(v) if isinstance(v, tuple) else v for k, v in _layers(c).items()
+              if k != 'dtype'})  # compute_dtype names it
   run.update({'max_steps': c.max_steps} if c.max_steps else {'epochs': c.epochs})
   if c.optimizer in ('momentum', 'nesterov'):
     run['momentum'] = c.momentum
@@ -160,14 +162,24 @@ def make_model(config, data_parallel=False):
   norm = c.norm
   if norm == 'batch' and c.bn_stats == 'ghost':
     norm = 'ghost'
-  layers = {'hidden': tuple(c.hidden)} if c.model == 'mlp' else {'features': tuple(c.features)}
+  layers = _layers(c)
   synced = c.norm in RUNNING_STATS and c.bn_stats == 'sync' and data_parallel
   return models.create_model(
-      c.model, norm=norm, dropout=c.dropout, activation=c.activation,
-      bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, bn_group_size=c.bn_group_size,
+      c.model, norm=norm, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, bn_group_size=c.bn_group_size,
       bn_axis_name=parallel.AXIS if synced else None, norm_groups=c.norm_groups,
-      **{k: c[k] for k in RENORM_KEYS}, init_scale=c.init_scale,
-      dtype=jnp.bfloat16 if c.half_precision else jnp.float32, **layers)
+      **{k: c[k] for k in RENORM_KEYS}, **layers)
+
+
+def _layers(c):
+  """The model-specific settings of `c.model` (the others do not apply to it)."""
+  dtype = {'dtype': jnp.bfloat16} if c.half_precision else {}
+  if c.model == 'resnet':
+    return {'depth': c.resnet_depth, 'width': c.resnet_width, **dtype}
+  common = {'dropout': c.dropout, 'activation': c.activation, 'init_scale': c.init_scale,
+            **dtype}
+  if c.model == 'mlp':
+    return {'hidden': tuple(c.hidden), **common}
+  return {'features': tuple(c.features), **common}
 
 
 def make_optimizer(config, steps_per_epoch, total_steps):
@@ -296,8 +308,14 @@ def validate(config, num_devices=1, num_train=None):
   _check(0 < c.lr_decay_factor <= 1, f'lr_decay_factor must be in (0, 1], got '
          f'{c.lr_decay_factor}.')
   _choice(c, 'progress', (True, False))
-  _widths(c, 'hidden' if c.model == 'mlp' else 'features',
-          '(128,)' if c.model == 'mlp' else '(32,64)')
+  if c.model == 'resnet':
+    _check(isinstance(c.resnet_depth, int) and c.resnet_depth >= 8 and
+           (c.resnet_depth - 2) % 6 == 0, f'resnet_depth must be 6n+2 (20, 32, 44, 56, '
+           f'110), got {c.resnet_depth}.')
+    _at_least(c, 'resnet_width', 1)
+  else:
+    _widths(c, 'hidden' if c.model == 'mlp' else 'features',
+            '(128,)' if c.model == 'mlp' else '(32,64)')
   _fraction(c, 'dropout')
   _fraction(c, 'bn_momentum')
   for key in ('init_scale', 'bn_epsilon', 'learning_rate'):
@@ -342,7 +360,8 @@ def validate(config, num_devices=1, num_train=None):
 
 def _check_groups(c):
   _at_least(c, 'norm_groups', 1)
-  widths = c.hidden if c.model == 'mlp' else c.features
+  widths = {'mlp': c.hidden, 'cnn': c.features}.get(
+      c.model, (c.resnet_width, 2 * c.resnet_width, 4 * c.resnet_width))
   for width in widths:
     groups = min(c.norm_groups, width)
     _check(width % groups == 0, f'norm_groups={c.norm_groups} must divide the {width} channels '
@@ -375,7 +394,9 @@ def check_overrides(config, overridden, grid_keys=()):
       hint = f' (set --config.{lists[top]} instead)' if lists.get(top) in config else ''
       raise ConfigError(f'--config.{top} is not used by this script: its grid sets {top} for '
                         f'every run{hint}.')
-    unused = {'mlp': 'features', 'cnn': 'hidden'}.get(config.model)
-    if top == unused and 'depths' not in config:
+    own = {'mlp': ('hidden',), 'cnn': ('features',), 'resnet': ('resnet_depth', 'resnet_width')}
+    unused = {k for keys in own.values() for k in keys} - set(own[config.model])
+    if top in unused and 'depths' not in config:
       raise ConfigError(f'--config.{top} is not used with model={config.model} (the MLP has '
-                        '`hidden`, the CNN `features`): set the other one, or --config.model.')
+                        '`hidden`, the CNN `features`, the ResNet `resnet_depth` and '
+                        '`resnet_width`): set its own, or --config.model.')

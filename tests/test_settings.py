@@ -21,7 +21,11 @@ def _validate(**overrides):
     ({'epochs': -1}, 'epochs must be an integer >= 0, got -1'),
     ({'epochs': 0}, 'nothing to train'),
     ({'batch_size': 0}, r'batch_size must be in \[1, the training set size\], got 0'),
-    ({'model': 'resnet'}, "unknown model 'resnet'"),
+    ({'model': 'vgg'}, "unknown model 'vgg'"),
+    ({'model': 'resnet', 'resnet_depth': 21}, r'resnet_depth must be 6n\+2 \(20, 32, 44, 56, '
+     r'110\), got 21'),
+    ({'model': 'resnet', 'norm': 'group', 'resnet_width': 24}, 'norm_groups=32 must divide the '
+     '48 channels'),
     ({'norm': 'instance'}, "unknown norm 'instance'"),
     ({'norm': 'group', 'hidden': (48,)}, 'norm_groups=32 must divide the 48 channels'),
     ({'norm': 'batch_renorm', 'bn_stats': 'ghost', 'bn_group_size': 4}, "bn_stats='ghost' is "

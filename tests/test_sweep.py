@@ -276,7 +276,7 @@ def _run_script(script, workdir, *flags):
     ('--config.evals_per_epoch=0', 'evals_per_epoch must be an integer >= 1, got 0'),
     ('--config.activation=swish', "unknown activation 'swish'"),
     ('--config.data=synthetic:abc', "unknown data spec 'synthetic:abc': use `tfds:NAME`"),
-    ('--config.model=resnet', "unknown model 'resnet'"),
+    ('--config.model=vgg', "unknown model 'vgg'"),
 ])
 def test_refused_input_is_one_line_and_leaves_no_folder(tmp_path, flag, message):
   workdir = tmp_path / 'run'
