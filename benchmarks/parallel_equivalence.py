@@ -9,6 +9,7 @@ G = per-device batch on 1 device; shard_map vs pmap on 8 devices.
 """
 
 import argparse
+import dataclasses
 
 import jax
 import numpy as np
@@ -43,9 +44,8 @@ def main():
 
   # Several devices train on whole batches only; give one device the same batches.
   whole = (len(dataset.train_labels) // args.batch_size) * args.batch_size
-  dataset = data.Dataset(dataset.name, dataset.train_images[:whole],
-                         dataset.train_labels[:whole], dataset.val_images, dataset.val_labels,
-                         dataset.test_images, dataset.test_labels)
+  dataset = dataclasses.replace(dataset, train_pixels=dataset.train_pixels[:whole],
+                                train_labels=dataset.train_labels[:whole])
   print(f'{args.data}, batch {args.batch_size}, jax {jax.__version__}; max |difference|')
   for steps in [int(s) for s in args.steps.split(',')]:
     sync_n = fit(parallel.DataParallel(n), norm='batch', bn_axis_name=parallel.AXIS)

@@ -6,7 +6,11 @@ r"""Speed of bn_jax on whatever backend JAX has, in one process:
   (c) train-step throughput at batch 32 and 256 against the measured float32 matmul rate;
   (d) the same grid in plain PyTorch (eager; only if torch is installed);
   (e) the BN-CNN's scanned train step at batch 32 with its convolutions as patch matmuls and as
-      XLA convolutions, and PyTorch's eager CNN step.
+      XLA convolutions, and PyTorch's eager CNN step;
+  (f) the same for ResNet-20 (BN, option A; bn_jax.resnet) at batch 128 on 32x32x3 generated
+      inputs, with conv = forward (the CPU default), patches and xla, against the same ResNet-20
+      in eager PyTorch. On CPU the xla variant is timed over 1 step: it is 35-50x slower inside
+      `lax.scan` (jax-ml/jax#12868). --resnet_steps=0 skips (f).
 
   python benchmarks/speed.py --data=idx:/usr/share/datasets/fashion-mnist --out=speed.json
 
@@ -30,6 +34,8 @@ import numpy as np
 from bn_jax import data as data_lib
 from bn_jax import loop
 from bn_jax import models
+from bn_jax import norms
+from bn_jax import resnet
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
@@ -122,6 +128,80 @@ def torch_cnn_step_ms(batch_size=32, steps=50):
   return (time.perf_counter() - t0) / steps * 1e3
 
 
+def resnet_step_ms(conv, batch_size=128, steps=20, examples=600):
+  """Milliseconds per scanned train step of ResNet-20 (BN, option A; bn_jax.resnet) on
+  32x32x3 generated inputs (1 seed), with `conv` = forward | patches | xla."""
+  dataset = data_lib.load(f'synthetic:{examples}:32x32x3')
+  model = resnet.ResNet(depth=20, norm=norms.norm_layer('batch'), conv=conv)
+  return step_seconds(dataset, model, batch_size, steps) * 1e3
+
+
+def torch_resnet(torch, depth=20, width=16, num_classes=10, in_channels=3):
+  """ResNet-`depth` of He et al. 2016 §4.2 in PyTorch, as bn_jax.resnet builds it: option-A
+  shortcuts (subsample, zero-pad half the new channels on each side), BN with our momentum
+  and epsilon, Kaiming-normal fan_out convs."""
+  nn, functional = torch.nn, torch.nn.functional
+
+  class Block(nn.Module):
+
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout, 1e-3, 0.01)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout, 1e-3, 0.01)
+      self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+      y = functional.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      if self.stride != 1:
+        x = x[:, :, ::self.stride, ::self.stride]
+      if self.extra:
+        x = functional.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+      return functional.relu(y + x)
+
+  layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width, 1e-3, 0.01), nn.ReLU()]
+  cin = width
+  for stage in range(3):
+    for block in range((depth - 2) // 6):
+      layers.append(Block(cin, width * 2**stage, 2 if stage and not block else 1))
+      cin = width * 2**stage
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+  net = nn.Sequential(*layers)
+  for m in net.modules():
+    if isinstance(m, nn.Conv2d):
+      nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+  return net
+
+
+def torch_resnet_step_ms(batch_size=128, steps=20):
+  """Milliseconds per eager PyTorch train step (Adam) of the same ResNet-20 on 32x32x3 inputs
+  (None without torch)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  net = torch_resnet(torch).to(device)
+  opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+  x = torch.rand(batch_size, 3, 32, 32, device=device)
+  y = torch.randint(0, 10, (batch_size,), device=device)
+  for i in range(steps + 3):
+    if i == 3:  # warmed up
+      if device == 'cuda':
+        torch.cuda.synchronize()
+      t0 = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+  if device == 'cuda':
+    torch.cuda.synchronize()
+  return (time.perf_counter() - t0) / steps * 1e3
+
+
 def torch_grid(dataset, epochs):
   """The grid in plain PyTorch, eager: the seed MLP, data on the device, index batches."""
   try:
@@ -167,6 +247,8 @@ def main():
   parser.add_argument('--seed_counts', default='1,8,64')
   parser.add_argument('--seed_epochs', type=int, default=1)
   parser.add_argument('--skip_torch', action='store_true')
+  parser.add_argument('--resnet_steps', type=int, default=20,
+                      help='timed ResNet-20 train steps (f); 0 skips the section')
   parser.add_argument('--out', default='speed.json')
   args = parser.parse_args()
 
@@ -198,6 +280,16 @@ def main():
   if not args.skip_torch:
     out['torch_grid'] = torch_grid(dataset, args.epochs)
     out['cnn_step_ms']['torch'] = torch_cnn_step_ms()
+  if args.resnet_steps:
+    slow_xla = jax.default_backend() == 'cpu'  # ~1 min per step on a 2-core CPU
+    xla_steps = 1 if slow_xla else args.resnet_steps
+    out['resnet_step_ms'] = {
+        'batch_size': 128, 'steps': args.resnet_steps, 'xla_steps': xla_steps,
+        'forward': resnet_step_ms('forward', steps=args.resnet_steps),
+        'patches': resnet_step_ms('patches', steps=args.resnet_steps),
+        'xla': resnet_step_ms('xla', steps=xla_steps)}
+    if not args.skip_torch:
+      out['resnet_step_ms']['torch'] = torch_resnet_step_ms(steps=args.resnet_steps)
 
   print(_table(out))
   results.atomic_write(args.out, json.dumps(out, indent=2))
@@ -229,6 +321,14 @@ def _table(out):
   rows.append(('BN-CNN train step, batch 32', ', '.join(
       f'{name}: {ms:.1f} ms' for name, ms in cnn.items() if ms is not None) +
                f" (xla / patches = {cnn['xla'] / cnn['patches']:.1f}x)"))
+  res = out.get('resnet_step_ms')
+  if res:
+    times = {name: res.get(name) for name in ('forward', 'patches', 'xla', 'torch')}
+    line = ', '.join(f'{name}: {ms:.0f} ms' for name, ms in times.items() if ms is not None)
+    line += f" (xla / forward = {res['xla'] / res['forward']:.1f}x"
+    if res.get('torch') is not None:
+      line += f", torch / forward = {res['torch'] / res['forward']:.2f}x"
+    rows.append(('ResNet-20 (BN) train step, batch 128, 32x32x3', line + ')'))
   torch_result = out.get('torch_grid')
   if torch_result:
     rows.append((f"PyTorch {torch_result['torch']} eager grid ({torch_result['device']})",

@@ -2,7 +2,8 @@
 
 Modules, in the order data flows through them:
   settings    defaults, checks, run identity, config -> model and fit arguments
-  data        data sources -> numpy arrays, validation split
+  data        data sources -> uint8 pixels, validation split, float inputs (lookup table)
+  augment     data augmentation on the device (crop + flip), inside the train step
   models      MLP, CNN and their normalization layers
   train       TrainState, the pure train / eval steps, scanned and seed-stacked programs
   parallel    the same programs data-parallel over devices and hosts
@@ -16,6 +17,7 @@ Modules, in the order data flows through them:
   cli         the command line of the experiment scripts
 """
 
+from bn_jax import augment
 from bn_jax import checkpoint
 from bn_jax import claims
 from bn_jax import cli

@@ -1,27 +1,40 @@
-"""Data sources -> numpy arrays: TFDS, MNIST-format IDX files, or generated data.
+"""Data sources -> numpy arrays: TFDS, MNIST-format IDX files, CIFAR-10, or generated data.
 
-`load(spec)` returns a `Dataset` of float32 images in [0, 1] shaped (N, 28, 28, 1) and int32
+`load(spec)` returns a `Dataset` of uint8 pixels shaped (N, H, W, C) (C = 1 or 3) and int32
 labels, with a validation split carved from the training set by a fixed seed, so every run of
-every model sees the same split. TensorFlow is imported only for `tfds:` specs.
+every model sees the same split. Pixels stay uint8 on the host and on the device (4x less
+memory than float32); `Dataset.images` (and, on the device, `train.gather_batch`) turn them
+into the model's float32 inputs through one lookup table (`Dataset.pixel_table`): pixel / 255
+in [0, 1], or, with `standardize`, that minus the training split's per-channel mean, divided
+by its std. TensorFlow is imported only for `tfds:` specs.
 """
 
 import dataclasses
+import functools
 import gzip
 import os
+import pickle
+import re
 import socket
 import struct
 import threading
 
 import numpy as np
 
-IMAGE_SHAPE = (28, 28, 1)
+IMAGE_SHAPE = (28, 28, 1)  # of MNIST-format data and of `synthetic` without a shape
 NUM_CLASSES = 10
+SPLITS = ('train', 'val', 'test')
 IDX_FILES = {
     'train_images': 'train-images-idx3-ubyte',
     'train_labels': 'train-labels-idx1-ubyte',
     'test_images': 't10k-images-idx3-ubyte',
     'test_labels': 't10k-labels-idx1-ubyte',
 }
+CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
+CIFAR_TEST_FILE = 'test_batch'
+CIFAR_HELP = ('Get the CIFAR-10 python version (cifar-10-python.tar.gz from '
+              'https://www.cs.toronto.edu/~kriz/cifar.html), extract it and pass '
+              '`--config.data=cifar:DIR/cifar-10-batches-py`.')
 OFFLINE_HELP = (
     'Offline options: (1) install the MNIST-format files, e.g. `apt-get install -y '
     'dataset-fashion-mnist`, and pass `--config.data=idx:/usr/share/datasets/fashion-mnist`; '
@@ -31,38 +44,126 @@ OFFLINE_HELP = (
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Train / validation / test splits as numpy arrays."""
+  """Train / validation / test splits: uint8 pixels (N, H, W, C) and int32 labels.
+
+  Attributes:
+    train_pixels, val_pixels, test_pixels: uint8 (N, H, W, C) arrays, C = 1 or 3.
+    train_labels, val_labels, test_labels: int32 (N,) arrays.
+    standardize: the model inputs are standardized per channel by the training split's
+      mean and std (`channel_stats`); otherwise they are pixel / 255 in [0, 1].
+  `images(split)` (or `train_images`, `val_images`, `test_images`) are the model's float32
+  inputs, exactly what the train and eval steps feed it (before augmentation).
+  """
   name: str
-  train_images: np.ndarray
+  train_pixels: np.ndarray
   train_labels: np.ndarray
-  val_images: np.ndarray
+  val_pixels: np.ndarray
   val_labels: np.ndarray
-  test_images: np.ndarray
+  test_pixels: np.ndarray
   test_labels: np.ndarray
   num_classes: int = NUM_CLASSES
+  standardize: bool = False
+
+  def __post_init__(self):
+    for split in SPLITS:
+      pixels = getattr(self, f'{split}_pixels')
+      if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != self.image_shape:
+        raise ValueError(f'Dataset {split}_pixels: got {pixels.dtype} {pixels.shape}, expected '
+                         f'uint8 (N,) + {self.image_shape} like train_pixels: pass raw pixels '
+                         '(as data.load returns them), not float images.')
+    if self.standardize:
+      self.pixel_table()  # fails here, naming the channel, if a channel is constant
+
+  @property
+  def image_shape(self):
+    return self.train_pixels.shape[1:]
 
   def sizes(self):
-    return {'train': len(self.train_labels), 'val': len(self.val_labels),
-            'test': len(self.test_labels)}
+    return {split: len(getattr(self, f'{split}_labels')) for split in SPLITS}
+
+  @functools.cached_property
+  def channel_stats(self):
+    """Per-channel mean and std (float32 (C,), in [0, 1] units) of the training pixels."""
+    channels = self.image_shape[-1]
+    counts = np.zeros((channels, 256), np.int64)  # a histogram: exact, and no float copy
+    for start in range(0, len(self.train_pixels), 1024):
+      block = self.train_pixels[start:start + 1024].reshape(-1, channels)
+      for c in range(channels):
+        counts[c] += np.bincount(block[:, c], minlength=256)
+    values = np.arange(256) / 255.0
+    mean = counts @ values / counts.sum(1)
+    std = np.sqrt(np.sum(counts * (values - mean[:, None])**2, 1) / counts.sum(1))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+  def pixel_table(self):
+    """(256, C) float32: the model input of pixel value v in channel c, at [v, c]."""
+    return self._to_float(np.repeat(np.arange(256, dtype=np.uint8)[:, None],
+                                    self.image_shape[-1], axis=1))
+
+  def images(self, split, rows=None):
+    """The model's float32 inputs of `split` ('train', 'val' or 'test'), or of its `rows` (any
+    numpy index; only those are converted)."""
+    if split not in SPLITS:
+      raise ValueError(f'unknown split {split!r}: choose one of {SPLITS}.')
+    pixels = getattr(self, f'{split}_pixels')
+    return self._to_float(pixels if rows is None else pixels[rows])
+
+  def _to_float(self, pixels):
+    """uint8 (..., C) -> float32 inputs: pixel / 255, then minus the mean, over the std. The
+    table and the images go through these same elementwise float32 operations, so a lookup
+    in the table (on the device) gives the bits computed here (on the host)."""
+    inputs = pixels.astype(np.float32) / np.float32(255)
+    if self.standardize:
+      mean, std = self.channel_stats
+      if not std.all():
+        raise ValueError(f'standardize: channel {int(np.argmin(std))} of the {self.name} '
+                         'training images is constant (std 0), so it cannot be standardized: '
+                         'set standardize=False.')
+      inputs -= mean
+      inputs /= std
+    return inputs
+
+  train_images = property(lambda self: self.images('train'), doc="`images('train')`.")
+  val_images = property(lambda self: self.images('val'), doc="`images('val')`.")
+  test_images = property(lambda self: self.images('test'), doc="`images('test')`.")
+
+
+def to_inputs(pixels, table):
+  """uint8 pixels (..., C) -> float32 model inputs `table[pixel, channel]` (`pixel_table`).
+
+  How the jitted steps convert pixels (numpy arrays work too): a lookup gives exactly the bits
+  of `Dataset.images`, where XLA's own `x / 255` would not (it multiplies by the reciprocal,
+  which rounds differently).
+  """
+  return table[pixels, np.arange(table.shape[-1])]
 
 
 def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, seed=0,
-         train_examples=0):
-  """Loads a data spec (`tfds:NAME`, `idx:DIR` or `synthetic`) into a `Dataset`.
+         train_examples=0, standardize=False):
+  """Loads a data spec (`tfds:NAME`, `idx:DIR`, `cifar:DIR` or `synthetic[:N[:HxWxC]]`) into
+  a `Dataset`.
 
   `train_examples` > 0 keeps that many training examples (the first of the shuffled training
   part: a random subset, the same for every run); validation and test stay whole.
+  `standardize`: model inputs standardized per channel by the mean and std of the training
+  examples kept (after the validation split and `train_examples`).
   """
   kind, arg = parse_spec(spec)
   if kind == 'tfds':
     arrays = load_tfds(arg, data_dir=data_dir)
   elif kind == 'idx':
     arrays = load_idx(arg)
+  elif kind == 'cifar':
+    arrays = load_cifar(arg)
   else:
-    arrays = synthetic(num_train=arg, num_test=arg // 4, seed=seed)
+    num, shape = arg
+    arrays = synthetic(num_train=num, num_test=num // 4, seed=seed, shape=shape)
   (x_train, y_train), (x_test, y_test) = arrays
-  for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
-    _check_arrays(f'{spec} {split}', x, y)
+  x_train = _check_arrays(f'{spec} train', x_train, y_train)
+  x_test = _check_arrays(f'{spec} test', x_test, y_test)
+  if x_train.shape[1:] != x_test.shape[1:]:
+    raise ValueError(f'{spec}: train images are {x_train.shape[1:]} but test images '
+                     f'{x_test.shape[1:]}; both splits need one image shape.')
   (x_train, y_train), (x_val, y_val) = split_validation(
       x_train, y_train, val_fraction=val_fraction, seed=split_seed)
   if train_examples:
@@ -71,26 +172,33 @@ def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, s
                        f'of {spec} after the validation split), got {train_examples}; 0 keeps '
                        'them all.')
     x_train, y_train = x_train[:train_examples], y_train[:train_examples]
-  return Dataset(spec, _to_float(x_train), y_train.astype(np.int32), _to_float(x_val),
-                 y_val.astype(np.int32), _to_float(x_test), y_test.astype(np.int32))
+  return Dataset(spec, x_train, y_train.astype(np.int32), x_val, y_val.astype(np.int32),
+                 x_test, y_test.astype(np.int32), standardize=standardize)
 
 
-SPEC_FORMS = ('`tfds:NAME` (e.g. tfds:mnist), `idx:DIR` (MNIST-format files) or '
-              '`synthetic[:N]` (N >= 8 generated examples, default 2000)')
+SPEC_FORMS = ('`tfds:NAME` (e.g. tfds:mnist, tfds:cifar10), `idx:DIR` (MNIST-format files), '
+              '`cifar:DIR` (the CIFAR-10 python version, cifar-10-batches-py) or '
+              '`synthetic[:N[:HxWxC]]` (N >= 8 generated examples, default 2000, of H x W '
+              'pixels and C = 1 or 3 channels, default 28x28x1; e.g. synthetic:2000:32x32x3)')
 
 
 def parse_spec(spec):
-  """A data spec -> (kind, argument): ('tfds', NAME), ('idx', DIR) or ('synthetic', N)."""
+  """A data spec -> (kind, argument): ('tfds', NAME), ('idx', DIR), ('cifar', DIR) or
+  ('synthetic', (N, (H, W, C)))."""
   if not isinstance(spec, str):
     raise ValueError(f'data spec must be a string, got {spec!r}: use {SPEC_FORMS}.')
   kind, _, arg = spec.partition(':')
-  if kind in ('tfds', 'idx') and arg:
+  if kind in ('tfds', 'idx', 'cifar') and arg:
     return kind, arg
   if kind == 'synthetic':
     if not arg:
-      return kind, 2000
-    if arg.isdigit() and int(arg) >= 8:
-      return kind, int(arg)
+      return kind, (2000, IMAGE_SHAPE)
+    match = re.fullmatch(r'(\d+)(?::(\d+)x(\d+)x(\d+))?', arg)
+    if match:
+      num = int(match[1])
+      shape = tuple(int(d) for d in match.groups()[1:]) if match[2] else IMAGE_SHAPE
+      if num >= 8 and shape[0] >= 1 and shape[1] >= 1 and shape[2] in (1, 3):
+        return kind, (num, shape)
   raise ValueError(f'unknown data spec {spec!r}: use {SPEC_FORMS}.')
 
 
@@ -105,24 +213,22 @@ def split_validation(images, labels, *, val_fraction=0.1, seed=42):
   return (images[train], labels[train]), (images[val], labels[val])
 
 
-def _to_float(images):
-  """uint8 pixels -> float32 in [0, 1], with a channel axis."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    images = images.astype(np.float32) / 255.0
-  images = images.astype(np.float32)
-  return images.reshape((-1,) + IMAGE_SHAPE) if images.ndim == 3 else images
-
-
 def _check_arrays(what, images, labels):
-  if images.shape[1:] not in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
-    raise ValueError(f'{what}: images have shape {images.shape[1:]}, expected '
-                     f'{IMAGE_SHAPE[:2]} (28x28 grey images).')
+  """Checks a split's arrays; returns its images with a channel axis, (N, H, W, C)."""
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim == 3:  # grey images without a channel axis
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f'{what}: images have shape {images.shape[1:]}, expected (H, W) or '
+                     '(H, W, C) with C = 1 (grey) or 3 (RGB).')
+  if images.dtype != np.uint8:
+    raise ValueError(f'{what}: images are {images.dtype}, expected uint8 pixels (0 .. 255).')
   if len(images) != len(labels):
     raise ValueError(f'{what}: {len(images)} images but {len(labels)} labels.')
   if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
     raise ValueError(f'{what}: labels must be in [0, {NUM_CLASSES}), found '
                      f'[{labels.min()}, {labels.max()}].')
+  return images
 
 
 # --- IDX (the MNIST file format) -------------------------------------------------------------
@@ -188,6 +294,77 @@ def load_idx(directory):
           (arrays['test_images'], arrays['test_labels']))
 
 
+# --- CIFAR-10 (the python version) -------------------------------------------------------
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Unpickles plain containers and numpy arrays only: a pickle can run any code it names,
+  and a data file has no business naming any other."""
+  ALLOWED = {'_reconstruct', '_frombuffer', 'ndarray', 'dtype', 'scalar'}
+
+  def find_class(self, module, name):
+    if ((module == 'numpy' or module.startswith('numpy.')) and name in self.ALLOWED or
+        (module, name) == ('_codecs', 'encode')):
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(f'it names {module}.{name}, which is not a numpy array part')
+
+
+def read_cifar_batch(path):
+  """Reads one CIFAR-10 python batch -> (uint8 images (n, 32, 32, 3), int64 labels (n,)).
+
+  The file is a pickled dict: b'data' uint8 (n, 3072), each row 1024 red, 1024 green and 1024
+  blue values, each channel 32x32 row-major; b'labels' a list of n ints in [0, 10).
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'CIFAR-10 batch not found: {path}. ' + CIFAR_HELP)
+  try:
+    with open(path, 'rb') as f:
+      batch = _ArrayUnpickler(f, encoding='bytes').load()
+  except Exception as e:  # pylint: disable=broad-except  # a corrupt pickle raises anything
+    raise ValueError(f'cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e}): the file '
+                     'is truncated or not a CIFAR-10 python batch; extract '
+                     'cifar-10-python.tar.gz again.') from e
+  if not isinstance(batch, dict) or not {b'data', b'labels'} <= set(batch):
+    found = (f'keys {", ".join(sorted(map(repr, batch)))}' if isinstance(batch, dict)
+             else f'a {type(batch).__name__}')
+    raise ValueError(f"CIFAR-10 batch {path} holds {found}, expected a dict with keys b'data' "
+                     "and b'labels': is it a CIFAR-10 python batch (not CIFAR-100's)?")
+  images, labels = batch[b'data'], np.asarray(batch[b'labels'])
+  if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or (
+      images.shape[1] != 3 * 32 * 32):
+    what = (f'{images.dtype} {images.shape}' if isinstance(images, np.ndarray)
+            else type(images).__name__)
+    raise ValueError(f"CIFAR-10 batch {path}: b'data' is {what}, expected uint8 (n, 3072) "
+                     '(3 channels of 32x32 pixels per row): the file is corrupt.')
+  if labels.size == 0:
+    labels = labels.astype(np.int64)
+  if labels.ndim != 1 or labels.dtype.kind not in 'iu':
+    raise ValueError(f"CIFAR-10 batch {path}: b'labels' is {labels.dtype} {labels.shape}, "
+                     'expected a list of ints: the file is corrupt.')
+  if len(labels) != len(images):
+    raise ValueError(f'CIFAR-10 batch {path} has {len(images)} images but {len(labels)} '
+                     'labels: the file is corrupt.')
+  if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise ValueError(f'CIFAR-10 batch {path}: labels must be in [0, {NUM_CLASSES}), found '
+                     f'[{labels.min()}, {labels.max()}]: the file is corrupt.')
+  images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-major -> HWC
+  return np.ascontiguousarray(images), labels.astype(np.int64)
+
+
+def load_cifar(directory):
+  """Loads a CIFAR-10 python directory (`data_batch_1` .. `data_batch_5`, `test_batch`) ->
+  ((x_train, y_train), (x_test, y_test)), images (N, 32, 32, 3) uint8."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'cifar: directory {directory!r} does not exist. ' + CIFAR_HELP)
+  names = CIFAR_TRAIN_FILES + (CIFAR_TEST_FILE,)
+  missing = [n for n in names if not os.path.exists(os.path.join(directory, n))]
+  if missing:
+    raise FileNotFoundError(f'cifar: missing {", ".join(missing)} in {directory}; a CIFAR-10 '
+                            f'python directory holds {", ".join(names)}. ' + CIFAR_HELP)
+  train = [read_cifar_batch(os.path.join(directory, n)) for n in CIFAR_TRAIN_FILES]
+  test = read_cifar_batch(os.path.join(directory, CIFAR_TEST_FILE))
+  return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])), test
+
+
 # --- TFDS ------------------------------------------------------------------------------------
 
 def _reachable(host, port=443, timeout=10.0):
@@ -208,7 +385,8 @@ def _reachable(host, port=443, timeout=10.0):
 
 
 def load_tfds(name, *, data_dir=None):
-  """Loads a TFDS image dataset; fails fast, naming offline options, when it can't download."""
+  """Loads a TFDS image dataset (uint8 images of any (H, W, C), e.g. mnist or cifar10); fails
+  fast, naming offline options, when it can't download."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -226,7 +404,7 @@ def load_tfds(name, *, data_dir=None):
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=True)
     examples = [source[i] for i in range(len(source))]
     images = np.stack([np.asarray(ex['image']) for ex in examples]) if examples else np.zeros(
-        (0,) + IMAGE_SHAPE, np.uint8)
+        (0,) + tuple(builder.info.features['image'].shape), np.uint8)
     labels = np.asarray([ex['label'] for ex in examples], np.int64)
     out.append((images, labels))
   return tuple(out)
@@ -234,19 +412,23 @@ def load_tfds(name, *, data_dir=None):
 
 # --- Generated data --------------------------------------------------------------------------
 
-def synthetic(*, num_train=2000, num_test=500, seed=0, contrast=0.2, noise=0.5):
-  """Learnable generated data: a blocky random 28x28 pattern per class, plus pixel noise.
+def synthetic(*, num_train=2000, num_test=500, seed=0, contrast=0.2, noise=0.5,
+              shape=IMAGE_SHAPE):
+  """Learnable generated data: a blocky random pattern per class (4x4-pixel blocks), plus
+  pixel noise; uint8 images of `shape` (H, W, C).
 
   Patterns vary by +-`contrast` around grey 0.5 under Gaussian noise of std `noise`, so the
   classes overlap and accuracy climbs over epochs rather than saturating at once.
   """
+  height, width, channels = shape
   rng = np.random.default_rng(seed)
-  coarse = rng.uniform(-1, 1, size=(NUM_CLASSES, 7, 7))
-  prototypes = 0.5 + contrast * np.kron(coarse, np.ones((4, 4)))  # (10, 28, 28)
+  coarse = rng.uniform(-1, 1, size=(NUM_CLASSES, -(-height // 4), -(-width // 4), channels))
+  blocks = np.kron(coarse, np.ones((1, 4, 4, 1)))[:, :height, :width]
+  prototypes = 0.5 + contrast * blocks  # (10, H, W, C)
 
   def sample(n):
     labels = rng.integers(0, NUM_CLASSES, size=n)
-    images = prototypes[labels] + noise * rng.standard_normal((n, 28, 28))
+    images = prototypes[labels] + noise * rng.standard_normal((n,) + tuple(shape))
     return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels
 
   return sample(num_train), sample(num_test)

@@ -23,6 +23,7 @@ from bn_jax.train import DeviceData
 from bn_jax.train import ONE_DEVICE
 from bn_jax.train import TrainState
 from bn_jax.train import epoch_order
+from bn_jax.train import host_inputs
 from bn_jax.train import index_rows
 from bn_jax.train import init_states
 from bn_jax.train import means
@@ -142,7 +143,7 @@ class Programs:
 
 
 def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000,
-                     runner=ONE_DEVICE, optimizer=None):
+                     runner=ONE_DEVICE, optimizer=None, augment='none'):
   """Initializes the states and compiles the train-chunk and eval programs ahead of time.
 
   Compiled programs land in jit's cache, so `fit` dispatches them without compiling; a sweep
@@ -152,7 +153,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   keys = _seed_keys(seeds)
   states = runner.put(jax.device_get(init_states(
-      model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer)))
+      model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer, augment)))
   order = runner.abstract(
       (len(seeds), schedule.order_rows, schedule.batch_size), jnp.int32,
       split_last=True)
@@ -167,7 +168,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
-        should_stop=None, logger=None, precise_bn_examples=0, optimizer=None):
+        should_stop=None, logger=None, precise_bn_examples=0, optimizer=None, augment='none'):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -190,6 +191,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   the end (test metrics), then `close(final)`.
   `optimizer`: an Optax transformation from `optim.make_optimizer` (default: Adam at
   `learning_rate`).
+  `augment`: the train step's data augmentation (`bn_jax.augment`: 'none' | 'crop_flip'),
+  train mode only; with `programs`, their states' own.
   `precise_bn_examples` > 0 (PreciseBN, `bn_jax.precise_bn`): after training, BN's population
   statistics are recomputed from that many training examples in batches of `batch_size`, and
   `final` also holds `precise_val_*` and `precise_test_*` (loss, accuracy) with them (models
@@ -207,7 +210,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   programs = programs or compile_programs(model, data, sched, seeds=seeds,
                                           learning_rate=learning_rate,
                                           eval_batch_size=eval_batch_size, runner=runner,
-                                          optimizer=optimizer)
+                                          optimizer=optimizer, augment=augment)
   states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
   # Metrics over a whole split of `st`, by default the current `states` (read when called).
   evaluate_split = lambda split, st=None: means(runner.get(functools.reduce(
@@ -335,14 +338,14 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
 def _precise_stats(model, runner, data, states, seeds, num_examples, batch_size):
   """PreciseBN statistics of every seed (stacked, on the runner's devices)."""
   host = runner.get(states)
-  images = np.asarray(runner.get(data.arrays[0]))
+  arrays = runner.get(data.arrays)  # host copies: uint8 pixels, labels, pixel table
   per_seed = []
   for s, seed in enumerate(seeds):
     pick = lambda tree: jax.tree.map(lambda x: x[s], tree)
     rows = data.splits['train'][precise_bn.sample(data.size('train'), num_examples, seed)]
     per_seed.append(precise_bn.population_stats(
         model, {'params': pick(host.params), 'batch_stats': pick(host.batch_stats)},
-        images[rows], batch_size))
+        host_inputs(arrays, rows), batch_size))
   return runner.put(jax.tree.map(lambda *x: np.stack(x), *per_seed))
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax import norms
+from bn_jax import resnet
 
 ACTIVATIONS = {'relu': nn.relu, 'sigmoid': nn.sigmoid, 'tanh': nn.tanh, 'gelu': nn.gelu}
 
@@ -125,17 +126,14 @@ class CNN(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-MODELS = {'mlp': MLP, 'cnn': CNN}
-
-from bn_jax import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
-MODELS['resnet'] = resnet.ResNet  # below: the ResNet builds on this module's convolutions
+MODELS = {'mlp': MLP, 'cnn': CNN, 'resnet': resnet.ResNet}
 
 
 def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
                  bn_axis_name=None, bn_group_size=0, norm_groups=32, renorm_rmax=3.0,
                  renorm_dmax=5.0, renorm_warmup_steps=5000, renorm_rmax_steps=40000,
                  renorm_dmax_steps=25000, **kwargs):
-  """Builds a model by name ('mlp' or 'cnn') normalized by `norms.norm_layer(norm, ...)`, with
+  """Builds a model by name ('mlp', 'cnn' or 'resnet') normalized by `norms.norm_layer(norm, ...)`, with
   keyword overrides of its other fields.
 
   `norm` is one of `norms.NORMS`. `bn_momentum` and `bn_axis_name` serve 'batch', 'ghost' and

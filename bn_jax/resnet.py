@@ -25,9 +25,9 @@ On CPU (`conv='auto'`) the convolutions are `forward_conv`s: XLA's CPU backend r
 convolutions of a gradient ~30x slower inside `lax.scan` (the train loop; jax-ml/jax#12868),
 as they are laid out there, but runs forward (NHWC x HWIO) convolutions fast, so the gradients
 are written as forward convolutions of transposed operands. ResNet-20, batch 128, 2-core CPU,
-scanned train step: `forward` ~2x faster than im2col matmuls (`patch_conv`, the CNN's way),
-~50x faster than plain XLA convolutions; stride 2 as a strided im2col rather than a stride-1
-im2col followed by subsampling (4x the FLOPs): ~25% faster.
+scanned train step (benchmarks/speed.py): `forward` 1.4-1.7x faster than im2col matmuls
+(`patch_conv`, the CNN's way), 35-50x faster than XLA's own convolution gradients; stride 2 as
+a strided im2col rather than a stride-1 im2col then subsampling (4x the FLOPs): ~25% faster.
 """
 
 import functools

@@ -15,6 +15,7 @@ import warnings
 import jax.numpy as jnp
 import ml_collections
 
+from bn_jax import augment
 from bn_jax import data
 from bn_jax import models
 from bn_jax import norms
@@ -29,11 +30,15 @@ class ConfigError(ValueError):
 def base_config():
   """Settings every experiment shares; scripts start from these and add their own."""
   c = ml_collections.ConfigDict()
-  c.data = 'tfds:mnist'  # tfds:NAME | idx:DIR | synthetic[:N]
+  c.data = 'tfds:mnist'  # tfds:NAME | idx:DIR | cifar:DIR | synthetic[:N[:HxWxC]]
   c.data_dir = ''  # TFDS data directory ('' = TFDS's default)
   c.val_fraction = 0.1
   c.split_seed = 42  # the validation split is the same for every run
   c.train_examples = 0  # > 0: train on this many examples (a fixed random subset); 0: all
+  # Inputs: pixel / 255 in [0, 1] (the original study), or standardized per channel by the
+  # training split's mean and std; one value per sweep (the data is loaded once).
+  c.standardize = False
+  c.augment = 'none'  # none | crop_flip (pad 4 + random crop + flip, on the device)
   c.model = 'mlp'  # mlp | cnn | resnet
   c.resnet_depth = 20  # 6n+2: the CIFAR ResNet of He et al. 2016 (20, 32, 44, 56, 110)
   c.resnet_width = 16  # channels of the first stage (then 2x, 4x)
@@ -128,6 +133,10 @@ def identity(config, num_devices=1):
          'optimizer': c.optimizer, 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
          'lr_schedule': c.lr_schedule, 'weight_decay': c.weight_decay,
          'evals_per_epoch': c.evals_per_epoch, 'num_devices': num_devices}
+  if c.standardize:  # non-default values only: existing run keys stay as they were
+    run['standardize'] = True
+  if c.augment != 'none':
+    run['augment'] = c.augment
   run.update({k: list(v) if isinstance(v, tuple) else v for k, v in _layers(c).items()
               if k != 'dtype'})  # compute_dtype names it
   run.update({'max_steps': c.max_steps} if c.max_steps else {'epochs': c.epochs})
@@ -201,7 +210,8 @@ def fit_args(config):
   return dict(learning_rate=c.learning_rate, batch_size=c.batch_size, epochs=c.epochs,
               max_steps=c.max_steps, chunk_steps=c.chunk_steps,
               evals_per_epoch=c.evals_per_epoch, eval_batch_size=c.eval_batch_size,
-              progress=c.progress, precise_bn_examples=c.precise_bn_examples)
+              progress=c.progress, precise_bn_examples=c.precise_bn_examples,
+              augment=c.augment)
 
 
 def resolve(config, **overrides):
@@ -291,6 +301,8 @@ def validate(config, num_devices=1, num_train=None):
     raise ConfigError(str(e)) from None
   _fraction(c, 'val_fraction', low_open=True)
   _choice(c, 'model', models.MODELS)
+  _choice(c, 'standardize', (True, False))
+  _choice(c, 'augment', augment.AUGMENTATIONS)
   _choice(c, 'norm', NORMS)
   _choice(c, 'bn_stats', parallel.BN_STATS)
   _choice(c, 'activation', models.ACTIVATIONS)

@@ -47,7 +47,7 @@ def load_data(config):
   enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None,
-                      train_examples=config.train_examples)
+                      train_examples=config.train_examples, standardize=config.standardize)
   if results.is_writer():
     print(f'{config.data}: {dataset.sizes()}')
   return dataset
@@ -84,6 +84,11 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   configs = [settings.resolve(config, **overrides) for overrides in grid]
   for c in configs:
     settings.validate(c, runner.num_devices, len(dataset.train_labels))
+    if c.standardize != dataset.standardize:
+      raise settings.ConfigError(
+          f'standardize={c.standardize}, but the dataset was loaded with standardize='
+          f'{dataset.standardize}: it is a data setting, one per sweep; set '
+          '--config.standardize (sweep.load_data loads the data with it), not a grid entry.')
   code = results.code_version(script)
   work = (results.Workdir(workdir, experiment, resume=config.resume, overwrite=config.overwrite)
           if workdir else None)
@@ -111,7 +116,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     return loop.compile_programs(
         settings.make_model(c, data_parallel), device_data, schedule, seeds=seeds,
         learning_rate=c.learning_rate, eval_batch_size=c.eval_batch_size, runner=runner,
-        optimizer=settings.make_optimizer(c, schedule.steps_per_epoch, schedule.total_steps))
+        optimizer=settings.make_optimizer(c, schedule.steps_per_epoch, schedule.total_steps),
+        augment=c.augment)
 
   new = {}
   with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool:

@@ -5,6 +5,12 @@ optional `axis_name` for data parallelism. `train_chunk` runs K of them in one `
 (K up to a whole epoch), with the dataset on the device passed as an argument; the seeds of a
 configuration are stacked on a leading axis (`jax.vmap`), so one compiled program trains them
 all. The loop that drives these programs is `bn_jax.loop.fit`.
+
+Images stay uint8 on the device: `gather_batch` turns a batch's pixels into float32 model
+inputs by the dataset's lookup table (`data.Dataset.pixel_table`: pixel / 255, standardized
+or not), an entry of `DeviceData.arrays` like the pixels, so nothing is closed over. Data
+augmentation (`bn_jax.augment`) is a static field of the `TrainState`, applied in `train_step`
+only, with keys drawn from the run's rng and the step.
 """
 
 import dataclasses
@@ -20,13 +26,20 @@ import optax
 from flax.training import train_state
 from jax import lax
 
+from bn_jax import augment as augmentations
+from bn_jax import data as datasets
+from bn_jax import optim
+
 
 class TrainState(train_state.TrainState):
-  """Params, optimizer state and step, plus the BN running averages."""
+  """Params, optimizer state and step, plus the BN running averages and the (static) data
+  augmentation of the train step, one of `augment.AUGMENTATIONS`."""
   batch_stats: Any = flax.struct.field(default_factory=dict)
+  augment: str = flax.struct.field(pytree_node=False, default='none')
 
 
-def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx=None):
+def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
+                       augment='none'):
   """Initializes params, BN statistics and the optimizer state (its rate a vmappable entry).
 
   Args:
@@ -34,17 +47,19 @@ def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx
     rng: the init key.
     learning_rate: Adam's rate when `tx` is None (ignored otherwise).
     input_shape: the shape of a dummy batch.
-    tx: an optimizer from `bn_jax.optim.make_optimizer`; None gives
-      `optax.inject_hyperparams(optax.adam)(learning_rate)`.
+    tx: an optimizer from `bn_jax.optim.make_optimizer`; None gives its Adam at
+      `learning_rate`.
+    augment: the train step's data augmentation, one of `augment.AUGMENTATIONS`.
 
   Returns:
     A `TrainState`.
   """
+  augmentations.check(augment)
   variables = model.init({'params': rng}, jnp.zeros(input_shape, jnp.float32), train=False)
-  if tx is None:
-    tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+  if tx is None:  # the same Adam the sweep builds from a config
+    tx = optim.make_optimizer('adam', learning_rate=learning_rate)
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables.get('batch_stats', {}))
+                           batch_stats=variables.get('batch_stats', {}), augment=augment)
 
 
 def metric_sums(logits, labels, mask):
@@ -61,14 +76,19 @@ def train_step(state, batch, rng, *, axis_name=None):
 
   Under several devices the same function runs per device with `axis_name` set: the loss is
   the mean over the global batch, so summing gradients across devices averages them.
+  `state.augment` transforms the images first, example i of the global batch by a key from
+  (rng, step, i) alone: the same whatever the chunking or the number of devices.
   """
   rng = jax.random.fold_in(rng, state.step)  # fresh dropout mask every step
+  first = 0 if axis_name is None else lax.axis_index(axis_name) * len(batch['mask'])
+  images = augmentations.apply(state.augment, batch['image'],
+                               jax.random.fold_in(rng, augmentations.STREAM), first)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, lax.axis_index(axis_name))  # ... and on every device
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mask=batch['mask'], mutable=['batch_stats'], rngs={'dropout': rng})
     sums = metric_sums(logits, batch['label'], batch['mask'])
     count = sums['count'] if axis_name is None else lax.psum(sums['count'], axis_name)
@@ -93,10 +113,12 @@ def eval_step(state, batch, *, axis_name=None):
 
 
 def gather_batch(data, idx):
-  """Rows `idx` of (images, labels); index -1 marks padding (mask 0)."""
-  images, labels = data
+  """Rows `idx` of `DeviceData.arrays` (pixels, labels, pixel table) as a batch of float32
+  model inputs (`data.to_inputs`) and labels; index -1 marks padding (mask 0)."""
+  pixels, labels, table = data
   safe = jnp.maximum(idx, 0)
-  return {'image': images[safe], 'label': labels[safe], 'mask': idx >= 0}
+  return {'image': datasets.to_inputs(pixels[safe], table), 'label': labels[safe],
+          'mask': idx >= 0}
 
 
 def train_chunk(state, data, order, rng, start, stop, *, num_steps, axis_name=None):
@@ -144,11 +166,13 @@ def over_seeds(fn, in_axes):
 
 
 # Seeds stacked on axis 0: one program trains / evaluates every seed of a configuration.
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None):
-  """`create_train_state` for every seed's rng (stacked on axis 0); `tx` (static) as there."""
-  return jax.vmap(lambda rng: create_train_state(model, rng, learning_rate, input_shape, tx))(
-      rngs)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
+                augment='none'):
+  """`create_train_state` for every seed's rng (stacked on axis 0); `tx` and `augment`
+  (static) as there."""
+  return jax.vmap(lambda rng: create_train_state(model, rng, learning_rate, input_shape, tx,
+                                                 augment))(rngs)
 train_chunks = jax.jit(
     lambda states, data, order, rngs, start, stop, num_steps: over_seeds(
         functools.partial(train_chunk, num_steps=num_steps),
@@ -179,26 +203,33 @@ def epoch_order(seed, epoch, *, num_examples, batch_size, num_rows):
 
 @dataclasses.dataclass(frozen=True)
 class DeviceData:
-  """Train, validation and test examples in one pair of device arrays, split by index ranges."""
-  arrays: tuple  # (images, labels): train first, so train indices are 0 .. n_train-1
+  """Train, validation and test examples in one set of device arrays, split by index ranges."""
+  # (pixels, labels, table): uint8 (N, H, W, C) pixels and int32 labels, train first (train
+  # indices are 0 .. n_train-1), and the (256, C) float32 `Dataset.pixel_table`.
+  arrays: tuple
   splits: dict  # name -> np.ndarray of indices into `arrays`
   image_shape: tuple  # of one example, e.g. (28, 28, 1)
 
   @classmethod
   def put(cls, dataset, runner=None):
     """Puts the examples on the device (replicated on every device of `runner`)."""
-    parts = [(dataset.train_images, dataset.train_labels),
-             (dataset.val_images, dataset.val_labels),
-             (dataset.test_images, dataset.test_labels)]
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    bounds = np.cumsum([0] + [len(p[1]) for p in parts])
+    pixels = np.concatenate([getattr(dataset, f'{s}_pixels') for s in datasets.SPLITS])
+    labels = np.concatenate([getattr(dataset, f'{s}_labels') for s in datasets.SPLITS])
+    bounds = np.cumsum([0] + [dataset.sizes()[s] for s in datasets.SPLITS])
     splits = {name: np.arange(bounds[i], bounds[i + 1])
-              for i, name in enumerate(('train', 'val', 'test'))}
-    return cls((runner or ONE_DEVICE).put((images, labels)), splits, images.shape[1:])
+              for i, name in enumerate(datasets.SPLITS)}
+    arrays = (pixels, labels, dataset.pixel_table())
+    return cls((runner or ONE_DEVICE).put(arrays), splits, pixels.shape[1:])
 
   def size(self, split):
     return len(self.splits[split])
+
+
+def host_inputs(arrays, rows):
+  """Float32 model inputs (numpy) of examples `rows` from host copies of `DeviceData.arrays`
+  (`runner.get(data.arrays)`): the inputs `gather_batch` makes on the device."""
+  pixels, _, table = arrays
+  return datasets.to_inputs(np.asarray(pixels)[rows], np.asarray(table))
 
 
 def means(sums):

@@ -201,8 +201,8 @@ def test_cnn_depth_pools_and_init_scale():
 
 
 def test_bad_names_are_clear_errors():
-  with pytest.raises(ValueError, match="unknown model 'resnet'"):
-    models.create_model('resnet')
+  with pytest.raises(ValueError, match="unknown model 'vgg'"):
+    models.create_model('vgg')
   with pytest.raises(ValueError, match="unknown norm 'instance'"):
     models.create_model('mlp', norm='instance')
 

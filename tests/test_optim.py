@@ -195,7 +195,11 @@ def test_create_train_state_default_is_adam():
   model = models.create_model('mlp', norm='batch', hidden=(4,))
   state = train.create_train_state(model, jax.random.key(0), 1e-3)
   np.testing.assert_allclose(state.opt_state.hyperparams['learning_rate'], 1e-3)
-  assert set(state.opt_state.hyperparams) >= {'b1', 'b2', 'eps'}
+  assert set(state.opt_state.hyperparams) == {'learning_rate'}  # make_optimizer's Adam
+  grads = jax.tree.map(lambda p: jnp.full_like(p, -0.5), state.params)
+  moved = state.apply_gradients(grads=grads)  # Adam's first step: lr * g / |g| = -lr
+  for old, new in zip(jax.tree.leaves(state.params), jax.tree.leaves(moved.params)):
+    np.testing.assert_allclose(new - old, 1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize('call, message', [

@@ -154,16 +154,17 @@ def test_conv_kernels_are_kaiming_normal_fan_out():
   assert 0.7 < stem.std() / np.sqrt(2.0 / 144) < 1.3
 
 
+@pytest.mark.parametrize('strides', [(2, 2), (1, 1), (2, 1)])
 @pytest.mark.parametrize('size,padding', [(8, ((1, 1), (1, 1))), (7, ((1, 1), (1, 1))),
                                           (8, 'SAME'), (7, 'SAME'), (9, 'VALID'),
                                           (8, ((0, 2), (1, 0)))])
-def test_strided_patch_conv_equals_lax(size, padding):
+def test_patch_conv_equals_lax(size, padding, strides):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (2, size, size, 3))
   w = jax.random.normal(kw, (3, 3, 3, 5))
   dims = ('NHWC', 'HWIO', 'NHWC')
-  ours = lambda x, w: resnet.patch_conv(x, w, (2, 2), padding, dimension_numbers=dims)
-  ref = lambda x, w: lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=dims)
+  ours = lambda x, w: resnet.patch_conv(x, w, strides, padding, dimension_numbers=dims)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims)
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
   for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
@@ -229,6 +230,21 @@ def test_auto_conv_is_forward_on_cpu():
       lambda p: model.apply({**v, 'params': p}, x, train=False).sum())(v['params']))(
           _init(model, x.shape)))
   assert ('custom_vjp_call' in jaxpr) == (jax.default_backend() == 'cpu')
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = resnet.ResNet(depth=8, width=4, norm=BN, dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+  variables = _init(model, x.shape)
+  assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  logits = model.apply(variables, x, train=False)
+  assert logits.dtype == jnp.float32
+  full = resnet.ResNet(depth=8, width=4, norm=BN).apply(variables, x, train=False)
+  np.testing.assert_allclose(logits, full, rtol=0.1, atol=0.1)
+  grads = jax.jit(jax.grad(lambda p: model.apply({**variables, 'params': p}, x, train=True,
+                                                 mutable=['batch_stats'])[0].sum()))(
+                                                     variables['params'])
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
 def test_mask_reaches_every_norm():

@@ -58,7 +58,7 @@ def _validate(**overrides):
     ({'parallel': 'mpi'}, "unknown parallel 'mpi'"),
     ({'on_code_change': 'ignore'}, "unknown on_code_change 'ignore'"),
     ({'data': 'synthetic:abc'}, r"unknown data spec 'synthetic:abc': use `tfds:NAME`.*"
-     r"`synthetic\[:N\]`"),
+     r"`synthetic\[:N\[:HxWxC\]\]`"),
     ({'data': 'mnist'}, "unknown data spec 'mnist'"),
     ({'target_val_accuracy': 2.0}, r'target_val_accuracy must be in \[0, 1\]'),
     ({'init_scale': 0.0}, 'init_scale must be a positive number'),
@@ -180,7 +180,8 @@ def test_fit_args_carry_every_loop_setting():
                             max_steps=11, evals_per_epoch=2, progress=False)
   assert settings.fit_args(config) == dict(
       learning_rate=1e-3, batch_size=32, epochs=5, max_steps=11, chunk_steps=3,
-      evals_per_epoch=2, eval_batch_size=7, progress=False, precise_bn_examples=0)
+      evals_per_epoch=2, eval_batch_size=7, progress=False, precise_bn_examples=0,
+      augment='none')
 
 
 def test_presets_apply_before_command_line_overrides():

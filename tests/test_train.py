@@ -1,4 +1,5 @@
-"""The train step's purity and masks, exact eval counts, and the chunked / vmapped loop."""
+"""The train step's purity and masks, exact eval counts, and the chunked / vmapped loop; uint8
+pixels on the device and their float inputs inside the step."""
 
 import copy
 import functools
@@ -8,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from bn_jax import data
 from bn_jax import models
 from bn_jax import train
 
@@ -82,16 +84,17 @@ def test_loss_falls_over_a_few_steps(small_dataset):
 @pytest.mark.parametrize('n, batch_size', [(37, 10), (100, 7), (5, 64)])
 def test_evaluate_counts_every_example_once(small_dataset, n, batch_size):
   state = _state()
-  data = (small_dataset.test_images[:n], small_dataset.test_labels[:n])
+  arrays = (small_dataset.test_pixels[:n], small_dataset.test_labels[:n],
+            small_dataset.pixel_table())
   rows = train.index_rows(np.arange(n), batch_size)
-  sums = jax.jit(train.evaluate)(state, data, rows)
+  sums = jax.jit(train.evaluate)(state, arrays, rows)
   assert float(sums['count']) == n
   # The same sums from one pass over all n examples at once, in eval mode.
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          data[0], train=False)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, data[1])
+                          small_dataset.test_images[:n], train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, arrays[1])
   np.testing.assert_allclose(sums['loss'], losses.sum(), rtol=1e-5)
-  assert float(sums['correct']) == float((logits.argmax(-1) == data[1]).sum())
+  assert float(sums['correct']) == float((logits.argmax(-1) == arrays[1]).sum())
 
 
 def test_epoch_order_is_a_padded_permutation():
@@ -104,3 +107,52 @@ def test_epoch_order_is_a_padded_permutation():
   np.testing.assert_array_equal(order, again)  # a function of (seed, epoch) alone
   other = train.epoch_order(0, 4, num_examples=10, batch_size=4, num_rows=4)
   assert not np.array_equal(order, other)
+
+
+@pytest.mark.parametrize('standardize', [False, True])
+def test_pixels_stay_uint8_on_the_device_and_the_step_converts_like_numpy(standardize):
+  ds = data.load('synthetic:200:8x8x3', standardize=standardize)  # 180 / 20 / 50 examples
+  device = train.DeviceData.put(ds)
+  pixels, labels, table = device.arrays
+  assert pixels.dtype == np.uint8 and pixels.shape == (250, 8, 8, 3)
+  assert table.shape == (256, 3) and device.image_shape == (8, 8, 3)
+  idx = np.array([3, 0, 249, -1, 180], np.int32)  # train, train, test, padding, val
+  batch = jax.jit(train.gather_batch)(device.arrays, idx)
+  # By numpy, in float32: pixel / 255, then (x - mean) / std with the training statistics.
+  every = np.concatenate([ds.train_pixels, ds.val_pixels, ds.test_pixels])
+  expected = every[np.maximum(idx, 0)].astype(np.float32) / np.float32(255)
+  if standardize:
+    mean, std = ds.channel_stats
+    expected = (expected - mean) / std
+  np.testing.assert_array_equal(batch['image'], expected)  # the same bits
+  assert batch['image'].dtype == np.float32
+  np.testing.assert_array_equal(batch['mask'], [True, True, True, False, True])
+  np.testing.assert_array_equal(batch['label'], np.asarray(labels)[np.maximum(idx, 0)])
+  np.testing.assert_array_equal(train.host_inputs(jax.device_get(device.arrays), idx[idx >= 0]),
+                                expected[idx >= 0])
+
+
+def test_step_on_device_pixels_is_bit_identical_to_the_float_path(small_dataset):
+  # Before pixels stayed uint8, the host fed the step float32 images: uint8 / 255 in numpy.
+  # The device lookup must give those bits, and augment='none' must leave the step as it was.
+  device = train.DeviceData.put(small_dataset)
+  idx = np.arange(32, dtype=np.int32)[::-1]
+  new = jax.jit(train.gather_batch)(device.arrays, idx)
+  old = {'image': small_dataset.train_pixels[idx].astype(np.float32) / 255.0,
+         'label': small_dataset.train_labels[idx], 'mask': np.ones(32, bool)}
+  model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
+  default = train.create_train_state(model, jax.random.key(0), 1e-3)
+  explicit = train.create_train_state(model, jax.random.key(0), 1e-3, augment='none')
+  assert default.augment == 'none'
+  step, rng = jax.jit(train.train_step), jax.random.key(5)
+  results = [step(state, batch, rng) for state, batch in
+             ((default, old), (default, new), (explicit, new))]
+  for state, sums in results[1:]:
+    jax.tree.map(np.testing.assert_array_equal, (state.params, state.batch_stats, sums),
+                 (results[0][0].params, results[0][0].batch_stats, results[0][1]))
+
+
+def test_unknown_augment_is_refused():
+  model = models.create_model('mlp', hidden=(4,))
+  with pytest.raises(ValueError, match="unknown augment 'flip': choose one of"):
+    train.create_train_state(model, jax.random.key(0), 1e-3, augment='flip')
