@@ -407,7 +407,7 @@ def check_overrides(config, overridden, grid_keys=()):
       raise ConfigError(f'--config.{top} is not used by this script: its grid sets {top} for '
                         f'every run{hint}.')
     own = {'mlp': ('hidden',), 'cnn': ('features',), 'resnet': ('resnet_depth', 'resnet_width')}
-    unused = {k for keys in own.values() for k in keys} - set(own[config.model])
+    unused = {k for keys in own.values() for k in keys} - set(own.get(config.model, ()))
     if top in unused and 'depths' not in config:
       raise ConfigError(f'--config.{top} is not used with model={config.model} (the MLP has '
                         '`hidden`, the CNN `features`, the ResNet `resnet_depth` and '
