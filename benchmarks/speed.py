@@ -29,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bn_jax import data as data_lib
 from bn_jax import loop
@@ -111,21 +110,7 @@ def torch_cnn_step_ms(batch_size=32, steps=50):
       nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1, bias=False),
       nn.BatchNorm2d(64, 1e-3, 0.01), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
       nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10)).to(device)
-  opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-  x = torch.rand(batch_size, 1, 28, 28, device=device)
-  y = torch.randint(0, 10, (batch_size,), device=device)
-  for i in range(steps + 5):
-    if i == 5:  # warmed up
-      if device == 'cuda':
-        torch.cuda.synchronize()
-      t0 = time.perf_counter()
-    loss = nn.functional.cross_entropy(net(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-  if device == 'cuda':
-    torch.cuda.synchronize()
-  return (time.perf_counter() - t0) / steps * 1e3
+  return _torch_step_ms(torch, net, (batch_size, 1, 28, 28), steps, warmup=5)
 
 
 def resnet_step_ms(conv, batch_size=128, steps=20, examples=600):
@@ -185,19 +170,26 @@ def torch_resnet_step_ms(batch_size=128, steps=20):
     return None
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   net = torch_resnet(torch).to(device)
+  return _torch_step_ms(torch, net, (batch_size, 3, 32, 32), steps, warmup=3)
+
+
+def _torch_step_ms(torch, net, shape, steps, warmup):
+  """Milliseconds per eager Adam train step of `net` on random inputs of `shape`, after
+  `warmup` untimed steps."""
+  device = next(net.parameters()).device
   opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-  x = torch.rand(batch_size, 3, 32, 32, device=device)
-  y = torch.randint(0, 10, (batch_size,), device=device)
-  for i in range(steps + 3):
-    if i == 3:  # warmed up
-      if device == 'cuda':
+  x = torch.rand(*shape, device=device)
+  y = torch.randint(0, 10, (shape[0],), device=device)
+  for i in range(steps + warmup):
+    if i == warmup:
+      if device.type == 'cuda':
         torch.cuda.synchronize()
       t0 = time.perf_counter()
     loss = torch.nn.functional.cross_entropy(net(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-  if device == 'cuda':
+  if device.type == 'cuda':
     torch.cuda.synchronize()
   return (time.perf_counter() - t0) / steps * 1e3
 
