@@ -27,6 +27,7 @@ from bn_jax.train import host_inputs
 from bn_jax.train import index_rows
 from bn_jax.train import init_states
 from bn_jax.train import means
+from bn_jax.train import without_optimizer
 
 # A seed has diverged at the first chunk whose mean training loss (loss sum / count over the
 # chunk) is not finite or exceeds this: 100 times the loss of a uniform guess over 10 classes,
@@ -161,7 +162,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
                             schedule.k).compile()
   rows = runner.abstract(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32,
                          split_last=True)
-  runner.evaluate.lower(states, data.arrays, rows).compile()
+  runner.evaluate.lower(without_optimizer(states), data.arrays, rows).compile()
   return Programs(states, time.perf_counter() - t0)
 
 
@@ -215,7 +216,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   # Metrics over a whole split of `st`, by default the current `states` (read when called).
   evaluate_split = lambda split, st=None: means(runner.get(functools.reduce(
       lambda a, b: jax.tree.map(jnp.add, a, b),
-      [runner.evaluate(states if st is None else st, data.arrays,
+      [runner.evaluate(without_optimizer(states if st is None else st), data.arrays,
                        runner.put(rows, split_last=True))
        for rows in _eval_blocks(data, split, eval_batch_size)])))
 

@@ -96,6 +96,9 @@ def base_config():
   c.coordinator_address = ''  # e.g. 10.0.0.1:1234
   c.num_processes = 0
   c.process_id = -1
+  # Configurations trained at the same time (threads); 0 = auto: one per CPU core (at most 8)
+  # on a single CPU device, else 1. Each run's numbers do not depend on it.
+  c.concurrent_runs = 0
   c.compilation_cache = True  # JAX's persistent compilation cache
   c.compilation_cache_dir = ''  # '' = $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax)
   # Checkpoints and resuming: the same command with the same workdir resumes a sweep, skipping
@@ -335,7 +338,7 @@ def validate(config, num_devices=1, num_train=None):
   _check(c.checkpoint_min_seconds >= 0, f'checkpoint_min_seconds must be >= 0, got '
          f'{c.checkpoint_min_seconds}.')
   for key in ('train_examples', 'epochs', 'max_steps', 'chunk_steps', 'checkpoint_every_steps',
-              'devices', 'bn_group_size', 'precise_bn_examples'):
+              'devices', 'bn_group_size', 'precise_bn_examples', 'concurrent_runs'):
     _at_least(c, key, 0)
   for key in ('seeds', 'evals_per_epoch', 'eval_batch_size', 'checkpoint_keep'):
     _at_least(c, key, 1)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import threading
 import time
 
 import jax
@@ -108,7 +109,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   device_data = train.DeviceData.put(dataset, runner)
   data_parallel = isinstance(runner, parallel.DataParallel)
   devices = {'platform': jax.default_backend(), 'count': runner.num_devices,
-             'processes': jax.process_count()}
+             'processes': jax.process_count(),
+             'concurrent_runs': concurrent_runs(config, runner, len(todo))}
 
   def compile_one(c, seeds):
     schedule = loop.Schedule(device_data.size('train'), c.batch_size, c.epochs, c.max_steps,
@@ -119,27 +121,31 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
         optimizer=settings.make_optimizer(c, schedule.steps_per_epoch, schedule.total_steps),
         augment=c.augment)
 
-  new = {}
-  with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool:
-    futures = [pool.submit(compile_one, c, seeds) for _, c, _, seeds in todo]
-    for (key, c, identity, seeds), future in zip(todo, futures):
-      if interrupt.requested():  # between configurations: nothing of this one started yet
-        pool.shutdown(cancel_futures=True)
-        raise interrupt.Interrupted(None, interrupt.signum())
+  lock, stop = threading.Lock(), threading.Event()
+
+  def train_one(key, c, identity, seeds, programs):
+    """Trains and records one configuration (all its missing seeds); on a worker thread."""
+    if stop.is_set() or interrupt.requested():  # nothing of this one started yet
+      stop.set()
+      raise interrupt.Interrupted(None, interrupt.signum())
+    try:
       checkpointer = _checkpointer(work, key, code, seeds, c) if work else None
       logger = (summaries.RunSummaries(work.path, key, seeds, identity)
                 if work and c.tensorboard else None)
       t0 = time.perf_counter()
       seed_results, states = loop.fit(
           settings.make_model(c, data_parallel), device_data, seeds=seeds,
-          programs=future.result(), runner=runner, checkpointer=checkpointer,
+          programs=programs.result(), runner=runner, checkpointer=checkpointer,
           desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
-          logger=logger,
-          **settings.fit_args(c))
+          logger=logger, **settings.fit_args(c))
       wall = time.perf_counter() - t0
-      records = [results.make_record(experiment=experiment, config=c, identity=identity,
-                                     seed_result=r, code=code, wall_seconds=wall,
-                                     devices=devices) for r in seed_results]
+    except BaseException:
+      stop.set()  # the configurations not started yet are skipped
+      raise
+    records = [results.make_record(experiment=experiment, config=c, identity=identity,
+                                   seed_result=r, code=code, wall_seconds=wall,
+                                   devices=devices) for r in seed_results]
+    with lock:
       if work:
         if save_states:  # before the records: a recorded run always has its state
           for i, seed in enumerate(seeds):
@@ -152,12 +158,39 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
           with contextlib.suppress(OSError):  # checkpoints/ too, when no run's are left
             os.rmdir(os.path.dirname(checkpointer.directory))
       new.update({(key, r['seed']): r for r in records})
+
+  new = {}
+  # Programs compile ahead on `compile_threads`; `devices['concurrent_runs']` configurations
+  # train at once, each on its own thread (a run's numbers do not depend on the others).
+  with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool, \
+       concurrent.futures.ThreadPoolExecutor(devices['concurrent_runs']) as workers:
+    compiled = [pool.submit(compile_one, c, seeds) for _, c, _, seeds in todo]
+    running = [workers.submit(train_one, *t, programs) for t, programs in zip(todo, compiled)]
+    concurrent.futures.wait(running)
+    if stop.is_set():
+      pool.shutdown(cancel_futures=True)
+    errors = [f.exception() for f in running if f.exception()]
+    if errors:  # a real error before an interruption
+      raise next((e for e in errors if not isinstance(e, interrupt.Interrupted)), errors[0])
   every = {**finished, **new}
   out = []
   for c in configs:
     key = results.run_key(settings.identity(c, runner.num_devices))
     out += [every[key, s] for s in range(c.seeds)]
   return out
+
+
+def concurrent_runs(config, runner, num_configs):
+  """How many configurations train at once: 1 with several devices or hosts (one program uses
+  them all, and hosts must run the same programs in the same order); on one device
+  `config.concurrent_runs`, or with 0 (auto) one per CPU core (at most 8) on a CPU, 1 on an
+  accelerator. Measured on a 2-core CPU: two threads train two configurations 1.7x as fast as
+  one after the other (a small model's step is bound to one core)."""
+  if runner.num_devices > 1 or jax.process_count() > 1:
+    return 1
+  n = config.concurrent_runs or (
+      min(os.cpu_count() or 1, 8) if jax.default_backend() == 'cpu' else 1)
+  return max(1, min(n, num_configs))
 
 
 def run(config, dataset, *, experiment, runner=None, **overrides):

@@ -112,6 +112,13 @@ def eval_step(state, batch, *, axis_name=None):
   return sums if axis_name is None else lax.psum(sums, axis_name)
 
 
+def without_optimizer(states):
+  """`states` as evaluation sees them: no optimizer (`evaluate` reads params and batch_stats),
+  so configurations that differ only in optimizer, schedule or batch size share one compiled
+  evaluation program."""
+  return states.replace(tx=None, opt_state=None)
+
+
 def gather_batch(data, idx):
   """Rows `idx` of `DeviceData.arrays` (pixels, labels, pixel table) as a batch of float32
   model inputs (`data.to_inputs`) and labels; index -1 marks padding (mask 0)."""
@@ -166,13 +173,32 @@ def over_seeds(fn, in_axes):
 
 
 # Seeds stacked on axis 0: one program trains / evaluates every seed of a configuration.
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_variables(model, rngs, input_shape=(1, 28, 28, 1)):
+  """`model`'s variables for every seed's rng (stacked on axis 0). Compiled once per model and
+  input shape: a sweep's configurations that differ only in batch size or optimizer share it
+  (Flax modules with equal fields are equal)."""
+  return jax.vmap(lambda rng: model.init({'params': rng}, jnp.zeros(input_shape, jnp.float32),
+                                         train=False))(rngs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _states_of(model, variables, tx, augment):
+  return jax.vmap(lambda v: TrainState.create(
+      apply_fn=model.apply, params=v['params'], tx=tx, batch_stats=v.get('batch_stats', {}),
+      augment=augment))(variables)
+
+
 def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
                 augment='none'):
-  """`create_train_state` for every seed's rng (stacked on axis 0); `tx` and `augment`
-  (static) as there."""
-  return jax.vmap(lambda rng: create_train_state(model, rng, learning_rate, input_shape, tx,
-                                                 augment))(rngs)
+  """`create_train_state` for every seed's rng (stacked on axis 0), `tx` and `augment` as
+  there; the same numbers, from two programs (`init_variables`, then the optimizer state)."""
+  augmentations.check(augment)
+  if tx is None:
+    tx = optim.make_optimizer('adam', learning_rate=learning_rate)
+  return _states_of(model, init_variables(model, rngs, input_shape), tx, augment)
+
+
 train_chunks = jax.jit(
     lambda states, data, order, rngs, start, stop, num_steps: over_seeds(
         functools.partial(train_chunk, num_steps=num_steps),

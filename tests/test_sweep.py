@@ -47,6 +47,42 @@ def test_run_makes_one_record_per_seed_with_overrides_applied():
   assert config.norm == 'batch'  # the caller's config is left as it was
 
 
+def _numbers(record):
+  """A record's measured numbers, without wall times."""
+  return (record['final'], record['curve'],
+          [{k: v for k, v in h.items() if k != 'seconds'} for h in record['history']])
+
+
+def test_concurrent_runs_record_the_numbers_of_runs_one_after_another(tmp_path):
+  config = settings.base_config()
+  config.update(data='synthetic:300', seeds=2, epochs=2, hidden=(8,), progress=False,
+                devices=1, compilation_cache=False)
+  dataset = data.load(config.data)
+  grid = [{'norm': n, 'batch_size': b} for n in ('batch', 'none') for b in (25, 50)]
+  config.concurrent_runs = 1
+  alone = sweep.sweep(config, dataset, grid, experiment='t')
+  config.concurrent_runs = 3
+  together = sweep.sweep(config, dataset, grid, experiment='t', workdir=str(tmp_path))
+  assert [r['devices']['concurrent_runs'] for r in alone + together] == [1] * 8 + [3] * 8
+  assert [_numbers(r) for r in alone] == [_numbers(r) for r in together]
+  written = results.read_records(str(tmp_path / 'results.jsonl'))
+  assert sorted((r['run_key'], r['seed']) for r in written) == sorted(
+      (r['run_key'], r['seed']) for r in together)
+
+
+def test_concurrent_runs_auto_is_one_per_cpu_core_on_one_cpu_device():
+  config = settings.base_config()
+
+  class Runner:
+    num_devices = 1
+
+  assert sweep.concurrent_runs(config, Runner, 100) == min(os.cpu_count(), 8)
+  assert sweep.concurrent_runs(config, Runner, 1) == 1  # never more than the configurations
+  Runner.num_devices = 8  # one program uses every device: one at a time
+  config.concurrent_runs = 4
+  assert sweep.concurrent_runs(config, Runner, 100) == 1
+
+
 @pytest.mark.slow
 def test_bn_vs_no_bn_script_end_to_end(tmp_path):
   workdir = tmp_path / 'run'

@@ -156,3 +156,23 @@ def test_unknown_augment_is_refused():
   model = models.create_model('mlp', hidden=(4,))
   with pytest.raises(ValueError, match="unknown augment 'flip': choose one of"):
     train.create_train_state(model, jax.random.key(0), 1e-3, augment='flip')
+
+
+def test_init_and_evaluation_programs_are_shared_across_optimizers(small_dataset):
+  """Configurations that differ only in optimizer (or schedule, batch size) compile one init
+  and one eval program, and init_states gives create_train_state's numbers."""
+  from bn_jax import optim  # pylint: disable=g-import-not-at-top
+  model = models.create_model('mlp', norm='batch', hidden=(7,))
+  rngs = jax.random.split(jax.random.key(3), 2)
+  data_ = train.DeviceData.put(small_dataset)
+  rows = train.index_rows(np.arange(40), 20)
+  inits, evals = train.init_variables._cache_size(), train.evaluate_seeds._cache_size()
+  for name in ('adam', 'momentum', 'sgd'):
+    states = train.init_states(model, rngs, 0.1, tx=optim.make_optimizer(name, learning_rate=0.1))
+    train.evaluate_seeds(train.without_optimizer(states), data_.arrays, rows)
+  assert train.init_variables._cache_size() == inits + 1
+  assert train.evaluate_seeds._cache_size() == evals + 1
+  one = train.create_train_state(model, rngs[1], 0.1)
+  for a, b in zip(jax.tree.leaves((one.params, one.batch_stats)),
+                  jax.tree.leaves((states.params, states.batch_stats))):
+    np.testing.assert_array_equal(a, b[1])
