@@ -10,12 +10,17 @@ need no saving.
 import logging
 import os
 import shutil
+import threading
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+# Orbax's save machinery keeps process-wide state: two threads saving at once (a sweep trains
+# configurations concurrently) time out waiting on each other's signals. Every Orbax call
+# holds this lock, and saves are synchronous (a save of these small states takes milliseconds).
+_ORBAX = threading.Lock()
 
 
 class Checkpointer:
@@ -26,10 +31,11 @@ class Checkpointer:
     self.every_steps = every_steps  # 0: only at the end of each epoch
     self.min_seconds = min_seconds  # never save more often than this
     self.last_time = time.monotonic()
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=True))
+    with _ORBAX:
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=False))
 
   def due(self, step, last_saved_step, epoch_end):
     """Save at every epoch end and once `every_steps` have passed since the last save, but
@@ -39,10 +45,12 @@ class Checkpointer:
     return epoch_end or (self.every_steps > 0 and step - last_saved_step >= self.every_steps)
 
   def save(self, step, arrays, meta):
-    """Starts an async save of `arrays` (a pytree of jax arrays) and `meta` (JSON)."""
+    """Saves `arrays` (a pytree of jax arrays) and `meta` (JSON) as checkpoint `step`."""
     self.last_time = time.monotonic()
-    self.manager.save(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+    with _ORBAX:
+      self.manager.save(step, args=ocp.args.Composite(
+          arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+      self.manager.wait_until_finished()
 
   def restore(self, abstract_arrays):
     """The newest checkpoint that restores, as (arrays, meta); None if there is none.
@@ -52,6 +60,10 @@ class Checkpointer:
     incomplete newest checkpoint is skipped with a warning; if none restores, an error names
     the directory.
     """
+    with _ORBAX:
+      return self._restore(abstract_arrays)
+
+  def _restore(self, abstract_arrays):
     steps = sorted(self.manager.all_steps(), reverse=True)
     errors = []
     for step in steps:
@@ -72,8 +84,9 @@ class Checkpointer:
 
   def close(self):
     """Waits for pending saves; call before exiting."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with _ORBAX:
+      self.manager.wait_until_finished()
+      self.manager.close()
 
   def delete(self):
     """Removes the run's checkpoints (once its results are recorded, they are not needed)."""

@@ -91,17 +91,18 @@ def _predict(model, variables, images):
 
 
 class Study:
-  """The claims study's training runs, every one through the resumable sweep: recorded in the
+  """A study's training runs (the claims, a paper reproduction), every one through the resumable sweep: recorded in the
   workdir's results.jsonl with its final state, checkpointed, resumed after a kill, and never
   trained twice (a second call of a finished study trains nothing)."""
 
-  def __init__(self, config, dataset, workdir):
+  def __init__(self, config, dataset, workdir, experiment='claims'):
     self.config, self.dataset, self.workdir = config, dataset, workdir
+    self.experiment = experiment
 
   def runs(self, grid):
     """Trains what is missing of `grid` (a list of overrides of the config); returns, per grid
     entry, its records (seeds in order)."""
-    records = sweep.sweep(self.config, self.dataset, grid, experiment='claims',
+    records = sweep.sweep(self.config, self.dataset, grid, experiment=self.experiment,
                           workdir=self.workdir, save_states=True)
     n = self.config.seeds
     return [records[i * n:(i + 1) * n] for i in range(len(grid))]

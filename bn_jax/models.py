@@ -37,21 +37,35 @@ class MLP(nn.Module):
   dropout: float = 0.2
   activation: str = 'relu'
   init_scale: float = 1.0  # hidden weights at init: this times LeCun-normal
+  init_std: float = 0.0  # > 0: every Dense kernel N(0, init_std^2) instead (Ioffe 2015)
   dtype: Any = jnp.float32  # compute dtype of the Dense layers (params stay float32)
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
-    init = nn.initializers.variance_scaling(self.init_scale**2, 'fan_in', 'truncated_normal')
+    init, out_init = _inits(self.init_scale, self.init_std)
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for width in self.hidden:
       # No bias before BN: BN subtracts it again, so its gradient is rounding noise, which
       # Adam would blow up into random steps (the original Keras model had the redundant bias).
       x = nn.Dense(width, use_bias=self.norm is None, kernel_init=init, dtype=self.dtype)(x)
       x = norms.normalize(self.norm, x, train, mask)
+      # Each hidden layer's activation inputs, kept only when asked for (mutable=['intermediates'],
+      # `papers.preactivations`), e.g. Ioffe & Szegedy's sigmoid-input percentiles.
+      self.sow('intermediates', 'preactivations', x)
       x = act(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, kernel_init=out_init,
+                    dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def _inits(init_scale, init_std):
+  """Kernel initializers (hidden, output): N(0, init_std^2) for both when init_std > 0, else
+  init_scale times LeCun-normal (truncated) and Flax's default LeCun-normal."""
+  if init_std:
+    return nn.initializers.normal(init_std), nn.initializers.normal(init_std)
+  return (nn.initializers.variance_scaling(init_scale**2, 'fan_in', 'truncated_normal'),
+          nn.linear.default_kernel_init)
 
 
 def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -101,13 +115,14 @@ class CNN(nn.Module):
   dropout: float = 0.2
   activation: str = 'relu'
   init_scale: float = 1.0  # conv and hidden Dense weights at init: this times LeCun-normal
+  init_std: float = 0.0  # > 0: every conv and Dense kernel N(0, init_std^2) instead
   conv: str = 'auto'  # 'patches' (patch_conv) | 'xla' | 'auto': patches on CPU, else xla
   dtype: Any = jnp.float32  # compute dtype of convs and Dense layers (params stay float32)
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
-    init = nn.initializers.variance_scaling(self.init_scale**2, 'fan_in', 'truncated_normal')
+    init, out_init = _inits(self.init_scale, self.init_std)
     if self.conv not in ('auto', 'patches', 'xla'):
       raise ValueError(f"unknown conv {self.conv!r}: choose 'auto', 'patches' or 'xla'.")
     patches = self.conv == 'patches' or (self.conv == 'auto' and jax.default_backend() == 'cpu')
@@ -123,7 +138,8 @@ class CNN(nn.Module):
     x = x.reshape((x.shape[0], -1))
     x = act(nn.Dense(self.dense, kernel_init=init, dtype=self.dtype)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, kernel_init=out_init,
+                    dtype=self.dtype)(x).astype(jnp.float32)
 
 
 MODELS = {'mlp': MLP, 'cnn': CNN, 'resnet': resnet.ResNet}

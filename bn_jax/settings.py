@@ -59,6 +59,7 @@ def base_config():
   c.hidden = (128,)  # MLP hidden widths
   c.features = (32, 64)  # CNN: channels of each 3x3 conv block (the first two max-pool)
   c.init_scale = 1.0  # hidden (and conv) weights at init: this times LeCun-normal
+  c.init_std = 0.0  # > 0: every kernel of the MLP / CNN N(0, init_std^2) instead
   c.dropout = 0.2
   c.activation = 'relu'
   # bfloat16 compute for convs and Dense layers (GPU/TPU); params, optimizer state and the
@@ -189,6 +190,8 @@ def _layers(c):
     return {'depth': c.resnet_depth, 'width': c.resnet_width, **dtype}
   common = {'dropout': c.dropout, 'activation': c.activation, 'init_scale': c.init_scale,
             **dtype}
+  if c.init_std:  # non-default values only: existing run keys stay as they were
+    common['init_std'] = c.init_std
   if c.model == 'mlp':
     return {'hidden': tuple(c.hidden), **common}
   return {'features': tuple(c.features), **common}
@@ -337,6 +340,8 @@ def validate(config, num_devices=1, num_train=None):
     _positive(c, key)
   _check(c.checkpoint_min_seconds >= 0, f'checkpoint_min_seconds must be >= 0, got '
          f'{c.checkpoint_min_seconds}.')
+  _check(c.init_std >= 0, f'init_std must be >= 0 (0: init_scale x LeCun-normal), got '
+         f'{c.init_std}.')
   for key in ('train_examples', 'epochs', 'max_steps', 'chunk_steps', 'checkpoint_every_steps',
               'devices', 'bn_group_size', 'precise_bn_examples', 'concurrent_runs'):
     _at_least(c, key, 0)

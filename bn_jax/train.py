@@ -182,6 +182,12 @@ def init_variables(model, rngs, input_shape=(1, 28, 28, 1)):
                                          train=False))(rngs)
 
 
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate):
+  """One Adam per rate: states built with it share their (static) optimizer."""
+  return optim.make_optimizer('adam', learning_rate=learning_rate)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _states_of(model, variables, tx, augment):
   return jax.vmap(lambda v: TrainState.create(
@@ -195,7 +201,7 @@ def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
   there; the same numbers, from two programs (`init_variables`, then the optimizer state)."""
   augmentations.check(augment)
   if tx is None:
-    tx = optim.make_optimizer('adam', learning_rate=learning_rate)
+    tx = _adam(float(learning_rate))
   return _states_of(model, init_variables(model, rngs, input_shape), tx, augment)
 
 
