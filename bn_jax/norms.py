@@ -23,7 +23,8 @@ towards the running statistics by r and d, clipped to limits that a warm-up sche
 `batch_stats`, the same in train and eval mode (the mask and `use_running_average` are
 accepted and ignored): `nn.LayerNorm` over all axes but the batch axis (the features of a
 Dense layer; H, W and C of a conv map, as Wu & He define LN) with a scale and bias per channel;
-`nn.GroupNorm` over groups of channels (and H, W), `min(groups, channels)` groups.
+`GroupNorm` (`nn.GroupNorm`'s numbers, its sums as matmuls: see there) over groups of
+channels (and H, W), `min(groups, channels)` groups.
 """
 
 import dataclasses
@@ -285,9 +286,38 @@ class LayerNormLayer(_NormLayer):
     return apply
 
 
+class GroupNorm(nn.Module):
+  """`nn.GroupNorm` (same variables `scale`, `bias`; same numbers up to float32 rounding) with
+  its per-group sums computed as matmuls with a channel-to-group indicator matrix.
+
+  Why not `nn.GroupNorm` itself: on XLA's CPU backend (jax 0.10.2), a jitted gradient through
+  `nn.GroupNorm` -> ReLU -> 2x2 max-pool -> Dense -> ReLU -> Dense returned NaN for whole
+  channel groups in some shapes (8 channels in 4 or 2 groups, 64 in 16), finite without jit
+  or with `--xla_cpu_use_fusion_emitters=false`: a miscompiled reduction fusion. Matmul sums
+  avoid that fusion (tests/test_norms.py checks the gradient in those shapes).
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-3
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,))
+    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    flat = x.reshape(x.shape[0], -1, channels).astype(jnp.float32)  # (B, H*W, C)
+    member = (jnp.arange(channels)[:, None] // (channels // self.num_groups) ==
+              jnp.arange(self.num_groups)[None, :]).astype(jnp.float32)  # (C, G)
+    count = flat.shape[1] * (channels // self.num_groups)
+    mean = jnp.einsum('bnc,cg->bg', flat, member) / count
+    centered = flat - (mean @ member.T)[:, None, :]
+    var = jnp.einsum('bnc,cg->bg', centered * centered, member) / count
+    inv = (lax.rsqrt(var + self.epsilon) @ member.T)[:, None, :]
+    return (centered * inv * scale + bias).reshape(x.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupNormLayer(_NormLayer):
-  """Builds `nn.GroupNorm(num_groups=min(groups, channels), epsilon)`: each example's
+  """Builds `GroupNorm(num_groups=min(groups, channels), epsilon)`: each example's
   channels (last axis) in equal groups, normalized over the group's channels and H, W; on a
   Dense layer's output the features are grouped. The mask and `use_running_average` are
   ignored (no batch statistics)."""
@@ -306,7 +336,7 @@ class GroupNormLayer(_NormLayer):
       del mask  # each example on its own: padding cannot leak into the others
       channels = x.shape[-1]
       groups = min(self.groups, channels)
-      module = nn.GroupNorm(num_groups=groups, epsilon=self.epsilon, **kwargs)
+      module = GroupNorm(num_groups=groups, epsilon=self.epsilon, **kwargs)
       if channels % groups:
         layer = '/'.join(module.parent.path + (module.name,)) if module.parent else module.name
         raise ValueError(f'norm_groups={groups} must divide the {channels} channels of layer '

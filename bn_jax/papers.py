@@ -41,9 +41,10 @@ def _number(x):
   return 'nan' if not math.isfinite(x) else f'{x:.4g}'
 
 
-def markdown(title, data, rows, notes=(), plots=()):
-  """report.md's text: the title, the data, a table of `rows` (from `finding`), the rule, the
-  notes (our settings where they differ from the paper's) and the plots."""
+def markdown(title, data, rows, notes=(), plots=(), details=''):
+  """report.md's text: the title, the data, a table of `rows` (from `finding`), the rule,
+  `details` (markdown, e.g. a table of every run), the notes (our settings where they differ
+  from the paper's) and the plots."""
   lines = [f'# {title}', '', f'Data: `{data}`.', '',
            '| finding | our setting | effect (95% interval) | verdict | paper | ours |',
            '|---|---|---|---|---|---|']
@@ -53,15 +54,17 @@ def markdown(title, data, rows, notes=(), plots=()):
                  f"[{_number(low)}, {_number(high)}] {r['unit']} ({r['seeds']} seeds) | "
                  f"**{r['verdict']}** | {r['paper']} | {r['ours']} |")
   lines += ['', f'Verdict rule: {RULE}.', '']
+  if details:
+    lines += [details, '']
   lines += [f'- {n}' for n in notes]
   if plots:
     lines += [''] + [f'![{os.path.splitext(os.path.basename(p))[0]}]({p})' for p in plots]
   return '\n'.join(lines) + '\n'
 
 
-def write_report(workdir, title, data, rows, notes=(), plots=()):
+def write_report(workdir, title, data, rows, notes=(), plots=(), details=''):
   """Writes `workdir/report.md` (atomically) and prints it; returns its path."""
-  text = markdown(title, data, rows, notes, plots)
+  text = markdown(title, data, rows, notes, plots, details)
   path = os.path.join(workdir, 'report.md')
   if results.is_writer():
     results.atomic_write(path, text)
