@@ -148,7 +148,7 @@ MODELS = {'mlp': MLP, 'cnn': CNN, 'resnet': resnet.ResNet}
 def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
                  bn_axis_name=None, bn_group_size=0, norm_groups=32, renorm_rmax=3.0,
                  renorm_dmax=5.0, renorm_warmup_steps=5000, renorm_rmax_steps=40000,
-                 renorm_dmax_steps=25000, **kwargs):
+                 renorm_dmax_steps=25000, bn_noise=1.0, **kwargs):
   """Builds a model by name ('mlp', 'cnn' or 'resnet') normalized by `norms.norm_layer(norm, ...)`, with
   keyword overrides of its other fields.
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-NORMS = ('none', 'batch', 'ghost', 'batch_renorm', 'layer', 'group')
+NORMS = ('none', 'batch', 'ghost', 'batch_renorm', 'layer', 'group', 'noisy_batch')
 
 
 class GhostBatchNorm(nn.Module):
@@ -216,6 +216,41 @@ class BatchNormLayer(_NormLayer):
                         epsilon=self.epsilon, axis_name=self.axis_name, **kwargs)
 
 
+class ChannelNoise(nn.Module):
+  """Santurkar et al. 2018's "noisy BN" perturbation: y = x * a + b with, per step and per
+  channel, a ~ U(1, 1 + amount) and b ~ U(-amount, amount), drawn from the 'dropout' rng
+  stream (a fresh key every step); the identity when no such rng is given (evaluation,
+  statistics passes). amount = 0 gives a = 1, b = 0: plain BN."""
+  amount: float
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.has_rng('dropout'):
+      return x
+    scale_key, shift_key = jax.random.split(self.make_rng('dropout'))
+    channels = x.shape[-1:]
+    scale = jax.random.uniform(scale_key, channels, minval=1.0, maxval=1.0 + self.amount)
+    shift = jax.random.uniform(shift_key, channels, minval=-self.amount, maxval=self.amount)
+    return x * scale + shift
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyBatchNormLayer(_NormLayer):
+  """`nn.BatchNorm` (as 'batch') followed in train mode by `ChannelNoise(noise)`: the
+  normalized activations get a random mean and variance that change every step."""
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  axis_name: Optional[str] = None
+  noise: float = 1.0
+
+  def __call__(self, use_running_average, **kwargs):
+    def apply(x, mask=None):
+      y = nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
+                       epsilon=self.epsilon, axis_name=self.axis_name, **kwargs)(x, mask=mask)
+      return y if use_running_average else ChannelNoise(self.noise)(y)
+    return apply
+
+
 @dataclasses.dataclass(frozen=True)
 class GhostBatchNormLayer(_NormLayer):
   """Builds `GhostBatchNorm(group_size, use_running_average, momentum, epsilon)`, named as
@@ -346,7 +381,8 @@ class GroupNormLayer(_NormLayer):
 
 
 def norm_layer(kind, *, momentum=0.99, epsilon=1e-3, axis_name=None, group_size=0, groups=32,
-               rmax=3.0, dmax=5.0, warmup_steps=5000, rmax_steps=40000, dmax_steps=25000):
+               rmax=3.0, dmax=5.0, warmup_steps=5000, rmax_steps=40000, dmax_steps=25000,
+               noise=1.0):
   """The norm constructor for `kind` (one of `NORMS`): None for 'none'.
 
   'batch' is `nn.BatchNorm` with statistics synced over `axis_name` when set; 'ghost' is
@@ -354,7 +390,8 @@ def norm_layer(kind, *, momentum=0.99, epsilon=1e-3, axis_name=None, group_size=
   own: `axis_name` is unused); 'batch_renorm' is `BatchRenorm` with `momentum`, `axis_name`
   and the clip schedule `rmax`, `dmax`, `warmup_steps`, `rmax_steps`, `dmax_steps` (see
   `renorm_limits`); 'layer' is `nn.LayerNorm` over each example; 'group' is `nn.GroupNorm` with
-  min(`groups`, channels) groups. `epsilon` is every kind's; the other arguments are unused by
+  min(`groups`, channels) groups; 'noisy_batch' is 'batch' plus `ChannelNoise(noise)` in train
+  mode. `epsilon` is every kind's; the other arguments are unused by
   the kinds they do not name.
   """
   if kind == 'none':
@@ -366,6 +403,8 @@ def norm_layer(kind, *, momentum=0.99, epsilon=1e-3, axis_name=None, group_size=
   if kind == 'batch_renorm':
     return BatchRenormLayer(momentum, epsilon, axis_name, rmax, dmax, warmup_steps, rmax_steps,
                             dmax_steps)
+  if kind == 'noisy_batch':
+    return NoisyBatchNormLayer(momentum, epsilon, axis_name, noise)
   if kind == 'layer':
     return LayerNormLayer(epsilon)
   if kind == 'group':

@@ -42,7 +42,7 @@ def base_config():
   c.model = 'mlp'  # mlp | cnn | resnet
   c.resnet_depth = 20  # 6n+2: the CIFAR ResNet of He et al. 2016 (20, 32, 44, 56, 110)
   c.resnet_width = 16  # channels of the first stage (then 2x, 4x)
-  c.norm = 'batch'  # batch | none | layer | group | batch_renorm (bn_jax/models.py)
+  c.norm = 'batch'  # batch | none | layer | group | batch_renorm | noisy_batch (bn_jax/norms.py)
   c.norm_groups = 32  # GroupNorm: groups per layer (capped at its channel count)
   # Batch Renorm (Ioffe 2017): r in [1/rmax, rmax], d in [-dmax, dmax]; plain BN for the first
   # renorm_warmup_steps, then relaxed linearly to rmax by renorm_rmax_steps, dmax by ..._dmax_.
@@ -51,6 +51,9 @@ def base_config():
   c.renorm_warmup_steps = 5000
   c.renorm_rmax_steps = 40000
   c.renorm_dmax_steps = 25000
+  # noisy_batch (Santurkar et al. 2018): BN, then per step and channel x * U(1, 1 + bn_noise)
+  # + U(-bn_noise, bn_noise) in training.
+  c.bn_noise = 1.0
   # Where BN's training statistics come from: 'sync' = the whole (global) batch; 'local' = each
   # device's part; 'ghost' = groups of bn_group_size examples (ghost BN), separating the
   # statistics batch from the optimizer's batch.
@@ -118,8 +121,9 @@ def base_config():
   return c
 
 
-NORMS = ('batch', 'none', 'layer', 'group', 'batch_renorm')
-RUNNING_STATS = ('batch', 'batch_renorm')  # norms with batch statistics and running averages
+NORMS = ('batch', 'none', 'layer', 'group', 'batch_renorm', 'noisy_batch')
+# norms with batch statistics and running averages
+RUNNING_STATS = ('batch', 'batch_renorm', 'noisy_batch')
 RENORM_KEYS = ('renorm_rmax', 'renorm_dmax', 'renorm_warmup_steps', 'renorm_rmax_steps',
                'renorm_dmax_steps')
 
@@ -164,6 +168,8 @@ def identity(config, num_devices=1):
     run['norm_groups'] = c.norm_groups
   if c.norm == 'batch_renorm':
     run.update({k: c[k] for k in RENORM_KEYS})
+  if c.norm == 'noisy_batch':
+    run['bn_noise'] = c.bn_noise
   return run
 
 
@@ -178,7 +184,8 @@ def make_model(config, data_parallel=False):
   layers = _layers(c)
   synced = c.norm in RUNNING_STATS and c.bn_stats == 'sync' and data_parallel
   return models.create_model(
-      c.model, norm=norm, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, bn_group_size=c.bn_group_size,
+      c.model, norm=norm, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon,
+      bn_group_size=c.bn_group_size, bn_noise=c.bn_noise,
       bn_axis_name=parallel.AXIS if synced else None, norm_groups=c.norm_groups,
       **{k: c[k] for k in RENORM_KEYS}, **layers)
 
@@ -363,9 +370,11 @@ def validate(config, num_devices=1, num_train=None):
     _check_bn_group(c, num_devices)
   if c.norm == 'group':
     _check_groups(c)
-  if c.norm == 'batch_renorm':
-    _check(c.bn_stats != 'ghost', "bn_stats='ghost' is ghost BN: with norm=batch_renorm use "
+  if c.norm in ('batch_renorm', 'noisy_batch'):
+    _check(c.bn_stats != 'ghost', f"bn_stats='ghost' is ghost BN: with norm={c.norm} use "
            "bn_stats='sync' or 'local'.")
+  _check(c.bn_noise >= 0, f'bn_noise must be >= 0, got {c.bn_noise}.')
+  if c.norm == 'batch_renorm':
     try:
       norms.norm_layer('batch_renorm', **{k[len('renorm_'):]: c[k] for k in RENORM_KEYS})
     except ValueError as e:

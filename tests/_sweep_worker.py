@@ -34,8 +34,8 @@ config = settings.base_config()
 # 300 examples, batch 32: 10 steps an epoch in 4 chunks (3, 3, 3, 1); 3 epochs; 2 configs.
 config.update(data='synthetic:400', val_fraction=0.25, seeds=2, epochs=3, batch_size=32,
               hidden=(16,), chunk_steps=3, checkpoint_every_steps=4, checkpoint_min_seconds=0,
-              progress=False,
-              compilation_cache=False)
+              progress=False, compilation_cache=False,
+              concurrent_runs=1)  # one configuration after the other: the kill lands in the 2nd
 runner = train.OneDevice()
 runner.train_chunks = CountingChunks(kill_after)
 sweep.sweep(config, data.load(config.data, val_fraction=config.val_fraction),
