@@ -156,14 +156,15 @@ def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
   'batch_renorm'; `bn_epsilon` every norm; `bn_group_size` 'ghost'; `norm_groups` 'group';
   `renorm_rmax`, `renorm_dmax`, `renorm_warmup_steps`, `renorm_rmax_steps`,
   `renorm_dmax_steps` 'batch_renorm' (`norm_layer`'s rmax, dmax, warmup_steps, rmax_steps,
-  dmax_steps).
+  dmax_steps); `bn_noise` 'noisy_batch' (`norm_layer`'s noise).
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}: choose one of {tuple(MODELS)}.')
   layer = norms.norm_layer(norm, momentum=bn_momentum, epsilon=bn_epsilon,
                            axis_name=bn_axis_name, group_size=bn_group_size, groups=norm_groups,
                            rmax=renorm_rmax, dmax=renorm_dmax, warmup_steps=renorm_warmup_steps,
-                           rmax_steps=renorm_rmax_steps, dmax_steps=renorm_dmax_steps)
+                           rmax_steps=renorm_rmax_steps, dmax_steps=renorm_dmax_steps,
+                           noise=bn_noise)
   return MODELS[name](norm=layer, **kwargs)
 
 
