@@ -18,6 +18,8 @@ import numpy as np
 
 from bn_jax import claims
 from bn_jax import cli
+from bn_jax import ics
+from bn_jax import loop
 from bn_jax import report
 from bn_jax import results
 from bn_jax import settings
@@ -26,7 +28,7 @@ from bn_jax import timing
 from bn_jax import train
 
 CLAIMS = ('lr', 'convergence', 'init', 'depth', 'regularization', 'shift', 'overhead',
-          'batch_size', 'inference')
+          'batch_size', 'inference', 'ics')
 NORMS = ('batch', 'none')
 
 
@@ -226,6 +228,34 @@ def claim_shift(study, c, out):
   ]
 
 
+def claim_ics(study, c, out, examples=256):
+  """10: BN reduces internal covariate shift, the explanation the original study gave, by
+  Santurkar et al. 2018's measure (`bn_jax.ics`): on a fixed training batch, the cosine
+  between a layer's weight gradient before and after the layers before it take their step
+  (the optimizer's first step), mean over the layers after the first, on the final weights."""
+  runs = dict(zip(NORMS, study.runs([{'norm': n} for n in NORMS])))
+  images = study.dataset.images('train', np.arange(examples))
+  labels = study.dataset.train_labels[:examples]
+  cosine = {}
+  for n in NORMS:
+    cfg = settings.resolve(c, norm=n)
+    sched = loop.Schedule(len(study.dataset.train_labels), cfg.batch_size, cfg.epochs)
+    update = ics.first_step(settings.make_optimizer(cfg, sched.steps_per_epoch,
+                                                    sched.total_steps))
+    model = study.model(norm=n)
+    cosine[n] = np.array([np.mean([cos for _, _, cos in ics.internal_covariate_shift(
+        ics.train_loss(model, study.variables(r), images, labels, jax.random.key(0)),
+        study.variables(r)['params'], update)[1:]]) for r in runs[n]])
+
+  report.plot_bars(os.path.join(out, 'ics.png'), list(NORMS),
+                   [cosine[n].mean() for n in NORMS], [cosine[n].std() for n in NORMS],
+                   ylabel='gradient cosine before / after earlier layers step')
+  return [row('BN reduces internal covariate shift', 'cosine of each layer\'s gradient before '
+              'and after the layers before it step (Santurkar et al. 2018), final weights',
+              cosine['batch'] - cosine['none'], 'cosine',
+              f'BN {cosine["batch"].mean():.4f}, none {cosine["none"].mean():.4f}')]
+
+
 def claim_overhead(study, c, out, repeats=5, steps=200):
   """7: time per train step and per eval step, and memory of params + state (measured anew
   on every call: a timing, not a training run)."""
@@ -313,7 +343,7 @@ def claim_inference(study, c, out):
 RUNNERS = {'lr': claim_lr, 'init': claim_init, 'depth': claim_depth,
            'regularization': claim_regularization, 'shift': claim_shift,
            'overhead': claim_overhead, 'batch_size': claim_batch_size,
-           'inference': claim_inference}
+           'inference': claim_inference, 'ics': claim_ics}
 
 
 def markdown(rows, config, seconds):

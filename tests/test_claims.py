@@ -145,13 +145,14 @@ def test_claims_script_quick_mode_end_to_end(tmp_path):
   table = (tmp_path / 'claims.md').read_text()
   rows = [line for line in table.splitlines() if line.startswith('| ') and 'claim |' not in line]
   # lr + convergence (3), init (1), depth (2, one activation), regularization (1), shift (2),
-  # overhead (1), batch size (1: not run here), inference (2)
-  assert len(rows) == 13
+  # overhead (1), batch size (1: not run here), inference (2), ics (1)
+  assert len(rows) == 14
   for line in rows:
     assert any(v in line for v in ('| supported |', '| not supported |', '| inconclusive |',
                                    '| not run |'))
   assert 'Verdict rule:' in table
-  for name in ('lr', 'init', 'depth', 'regularization', 'shift', 'overhead', 'inference'):
+  for name in ('lr', 'init', 'depth', 'regularization', 'shift', 'overhead', 'inference',
+               'ics'):
     assert (tmp_path / 'claims' / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
 
 

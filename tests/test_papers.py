@@ -1,0 +1,83 @@
+"""The reproductions: the verdict rule on hand-made effects, the percentile tracker and drift
+against numpy, and every script of experiments/papers/ end to end in quick mode."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _limits import HANG_SECONDS
+
+from bn_jax import models
+from bn_jax import papers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user runs
+VERDICTS = ('**reproduced**', '**not reproduced**', '**inconclusive**')
+
+
+def test_verdict_rule_on_hand_made_effects():
+  # mean 2, sample variance 2/3, n = 4: half-width t(0.975, 3) sqrt(2/3) / 2 = 3.1824 *
+  # 0.8165 / 2 = 1.2992
+  above = papers.finding('f', 's', [1.0, 2.0, 3.0, 2.0], 'u')
+  assert above['verdict'] == 'reproduced'
+  np.testing.assert_allclose(above['interval'], [2 - 1.2992, 2 + 1.2992], atol=1e-3)
+  below = papers.finding('f', 's', [-1.0, -2.0, -3.0, -2.0], 'u')
+  assert below['verdict'] == 'not reproduced'
+  across = papers.finding('f', 's', [1.0, -1.0, 2.0, -2.0], 'u')
+  assert across['verdict'] == 'inconclusive'
+  one = papers.finding('f', 's', [5.0, np.nan], 'u')  # a diverged seed gives no value
+  assert one['verdict'] == 'inconclusive' and one['seeds'] == 1
+  text = papers.markdown('T', 'idx:x', [above, across], ['a note'], ['p.png'], '| x |')
+  assert '**reproduced**' in text and '**inconclusive**' in text and papers.RULE in text
+  assert '- a note' in text and '![p](p.png)' in text and '| x |' in text
+
+
+def test_percentiles_of_the_last_hidden_layer_match_numpy():
+  model = models.create_model('mlp', norm='none', hidden=(5, 4), dropout=0.0,
+                              activation='sigmoid')
+  images = np.random.default_rng(0).uniform(0, 1, (50, 28, 28, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images[:1], train=False)
+  p = variables['params']
+  h = jax.nn.sigmoid(images.reshape(50, -1) @ p['Dense_0']['kernel'] + p['Dense_0']['bias'])
+  inputs = np.asarray(h @ p['Dense_1']['kernel'] + p['Dense_1']['bias'])  # last layer's
+  np.testing.assert_allclose(papers.percentiles(model, variables, jnp.asarray(images)),
+                             np.percentile(inputs, (15, 50, 85), axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_drift_is_zero_when_nothing_moves_and_matches_a_hand_computation():
+  still = np.tile(np.array([[-1.0, 0.0, 1.0]]).T[None, :, :], (4, 1, 2))  # 4 points, 2 units
+  assert papers.drift(still) == 0.0
+  tracks = still.copy()
+  tracks[0, :, 0] = [0.0, 1.0, 4.0]  # unit 0 at the first point: median +1, width 4 vs 2
+  # unit 0: (|1 - 0| + |4 - 2|) / 2 at one of 3 earlier points -> 1.5 / 3 = 0.5; unit 1: 0
+  assert papers.drift(tracks) == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script, findings', [('ioffe2015', 3), ('hoffer2017', 2),
+                                              ('wu_he2018', 3), ('wu_johnson2021', 3),
+                                              ('santurkar2018', 4)])
+def test_paper_script_quick_mode_end_to_end(tmp_path, script, findings):
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'papers', f'{script}.py'),
+         f'--workdir={workdir}', '--config.quick=true', '--config.compilation_cache=false']
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, env=ENV,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = (workdir / 'report.md').read_text()
+  rows = [line for line in report.splitlines() if any(v in line for v in VERDICTS)]
+  assert len(rows) == findings, report
+  assert 'Data: `synthetic:' in report and papers.RULE in report
+  plots = [line[line.index('(') + 1:-1] for line in report.splitlines() if line.startswith('![')]
+  assert plots
+  for plot in plots:
+    assert (workdir / plot).read_bytes()[:4] == b'\x89PNG'
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, env=ENV,
+                         check=False)
+  assert again.returncode == 0 and 'training 0 runs' in again.stdout + again.stderr
+  assert (workdir / 'report.md').read_text() == report  # nothing retrained, same numbers
