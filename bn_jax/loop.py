@@ -144,7 +144,7 @@ class Programs:
 
 
 def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000,
-                     runner=ONE_DEVICE, optimizer=None, augment='none'):
+                     runner=ONE_DEVICE, optimizer=None, augment='none', loss_scale=False):
   """Initializes the states and compiles the train-chunk and eval programs ahead of time.
 
   Compiled programs land in jit's cache, so `fit` dispatches them without compiling; a sweep
@@ -154,7 +154,8 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   keys = _seed_keys(seeds)
   states = runner.put(jax.device_get(init_states(
-      model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer, augment)))
+      model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer, augment,
+      loss_scale)))
   order = runner.abstract(
       (len(seeds), schedule.order_rows, schedule.batch_size), jnp.int32,
       split_last=True)
@@ -169,7 +170,8 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
-        should_stop=None, logger=None, precise_bn_examples=0, optimizer=None, augment='none'):
+        should_stop=None, logger=None, precise_bn_examples=0, optimizer=None, augment='none',
+        loss_scale=False):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -193,7 +195,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   `optimizer`: an Optax transformation from `optim.make_optimizer` (default: Adam at
   `learning_rate`).
   `augment`: the train step's data augmentation (`bn_jax.augment`: 'none' | 'crop_flip'),
-  train mode only; with `programs`, their states' own.
+  train mode only; with `programs`, their states' own. `loss_scale`: dynamic loss scaling
+  (float16 compute; `train.train_step`), likewise.
   `precise_bn_examples` > 0 (PreciseBN, `bn_jax.precise_bn`): after training, BN's population
   statistics are recomputed from that many training examples in batches of `batch_size`, and
   `final` also holds `precise_val_*` and `precise_test_*` (loss, accuracy) with them (models
@@ -211,7 +214,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   programs = programs or compile_programs(model, data, sched, seeds=seeds,
                                           learning_rate=learning_rate,
                                           eval_batch_size=eval_batch_size, runner=runner,
-                                          optimizer=optimizer, augment=augment)
+                                          optimizer=optimizer, augment=augment,
+                                          loss_scale=loss_scale)
   states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
   # Metrics over a whole split of `st`, by default the current `states` (read when called).
   evaluate_split = lambda split, st=None: means(runner.get(functools.reduce(

@@ -68,6 +68,9 @@ def base_config():
   # bfloat16 compute for convs and Dense layers (GPU/TPU); params, optimizer state and the
   # norms stay float32 (as Flax's examples/imagenet; on CPU bfloat16 is slower)
   c.half_precision = False
+  # Its dtype: 'bfloat16' (TPU, GPUs since Ampere) or 'float16' (older GPUs), which trains with
+  # dynamic loss scaling (Flax's DynamicScale, as examples/imagenet does on GPU).
+  c.half_precision_dtype = 'bfloat16'
   c.bn_momentum = 0.99  # Keras' default, as in the original study (PyTorch's 0.1 is 0.9 here)
   c.bn_epsilon = 1e-3  # Keras' default (Flax and PyTorch use 1e-5)
   # Optimizer (bn_jax/optim.py): adam (the original study) | sgd | momentum | nesterov | adamw
@@ -137,7 +140,7 @@ def identity(config, num_devices=1):
   c = config
   run = {'data': c.data, 'val_fraction': c.val_fraction, 'split_seed': c.split_seed,
          'train_examples': c.train_examples, 'model': c.model, 'norm': c.norm,
-         'compute_dtype': 'bfloat16' if c.half_precision else 'float32',
+         'compute_dtype': c.half_precision_dtype if c.half_precision else 'float32',
          'optimizer': c.optimizer, 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
          'lr_schedule': c.lr_schedule, 'weight_decay': c.weight_decay,
          'evals_per_epoch': c.evals_per_epoch, 'num_devices': num_devices}
@@ -192,7 +195,7 @@ def make_model(config, data_parallel=False):
 
 def _layers(c):
   """The model-specific settings of `c.model` (the others do not apply to it)."""
-  dtype = {'dtype': jnp.bfloat16} if c.half_precision else {}
+  dtype = {'dtype': jnp.dtype(c.half_precision_dtype)} if c.half_precision else {}
   if c.model == 'resnet':
     return {'depth': c.resnet_depth, 'width': c.resnet_width, **dtype}
   common = {'dropout': c.dropout, 'activation': c.activation, 'init_scale': c.init_scale,
@@ -224,7 +227,12 @@ def fit_args(config):
               max_steps=c.max_steps, chunk_steps=c.chunk_steps,
               evals_per_epoch=c.evals_per_epoch, eval_batch_size=c.eval_batch_size,
               progress=c.progress, precise_bn_examples=c.precise_bn_examples,
-              augment=c.augment)
+              augment=c.augment, loss_scale=loss_scale(c))
+
+
+def loss_scale(config):
+  """Whether the run trains with dynamic loss scaling: float16 compute."""
+  return bool(config.half_precision and config.half_precision_dtype == 'float16')
 
 
 def resolve(config, **overrides):
@@ -324,6 +332,7 @@ def validate(config, num_devices=1, num_train=None):
   _choice(c, 'bn_batch_of_one', ('error', 'warn'))
   _choice(c, 'tensorboard', (True, False))
   _choice(c, 'half_precision', (True, False))
+  _choice(c, 'half_precision_dtype', ('bfloat16', 'float16'))
   _choice(c, 'optimizer', optim.OPTIMIZERS)
   _choice(c, 'lr_schedule', optim.SCHEDULES)
   _choice(c, 'weight_decay_norms_and_biases', (True, False))

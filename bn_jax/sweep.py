@@ -119,7 +119,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
         settings.make_model(c, data_parallel), device_data, schedule, seeds=seeds,
         learning_rate=c.learning_rate, eval_batch_size=c.eval_batch_size, runner=runner,
         optimizer=settings.make_optimizer(c, schedule.steps_per_epoch, schedule.total_steps),
-        augment=c.augment)
+        augment=c.augment, loss_scale=settings.loss_scale(c))
 
   lock, stop = threading.Lock(), threading.Event()
 

@@ -16,13 +16,14 @@ only, with keys drawn from the run's rng and the step.
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 from jax import lax
 
@@ -32,14 +33,16 @@ from bn_jax import optim
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimizer state and step, plus the BN running averages and the (static) data
-  augmentation of the train step, one of `augment.AUGMENTATIONS`."""
+  """Params, optimizer state and step, plus the BN running averages, the (static) data
+  augmentation of the train step, one of `augment.AUGMENTATIONS`, and for float16 compute
+  the loss scale (Flax's `DynamicScale`; None otherwise)."""
   batch_stats: Any = flax.struct.field(default_factory=dict)
   augment: str = flax.struct.field(pytree_node=False, default='none')
+  dynamic_scale: Optional[dynamic_scale_lib.DynamicScale] = None
 
 
 def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
-                       augment='none'):
+                       augment='none', loss_scale=False):
   """Initializes params, BN statistics and the optimizer state (its rate a vmappable entry).
 
   Args:
@@ -50,6 +53,7 @@ def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx
     tx: an optimizer from `bn_jax.optim.make_optimizer`; None gives its Adam at
       `learning_rate`.
     augment: the train step's data augmentation, one of `augment.AUGMENTATIONS`.
+    loss_scale: train with dynamic loss scaling (for float16 compute).
 
   Returns:
     A `TrainState`.
@@ -59,7 +63,8 @@ def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx
   if tx is None:  # the same Adam the sweep builds from a config
     tx = optim.make_optimizer('adam', learning_rate=learning_rate)
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables.get('batch_stats', {}), augment=augment)
+                           batch_stats=variables.get('batch_stats', {}), augment=augment,
+                           dynamic_scale=dynamic_scale_lib.DynamicScale() if loss_scale else None)
 
 
 def metric_sums(logits, labels, mask):
@@ -94,14 +99,34 @@ def train_step(state, batch, rng, *, axis_name=None):
     count = sums['count'] if axis_name is None else lax.psum(sums['count'], axis_name)
     return sums['loss'] / jnp.maximum(count, 1.0), (sums, updates)
 
-  grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  params = state.params
+  if axis_name is not None:
+    # Each device's own gradient, summed below. Without the cast, shard_map differentiates the
+    # replicated params into an already summed gradient, and the psum below would count it
+    # once per device (measured: 8x the gradient on 8 devices; pmap's cast is a no-op).
+    params = jax.tree.map(lambda p: lax.pcast(p, axis_name, to='varying'), params)
+  scaler = state.dynamic_scale
+  if scaler is None:
+    grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(params)
+  else:  # float16: the loss scaled up for the gradient, the gradient scaled back down
+    scaler, finite, (_, (sums, updates)), grads = scaler.value_and_grad(
+        loss_fn, has_aux=True, axis_name=axis_name)(params)
+    if axis_name is not None:  # DynamicScale averaged the devices' parts: the step sums them
+      grads = jax.tree.map(lambda g: g * lax.psum(1, axis_name), grads)
   batch_stats = updates.get('batch_stats', state.batch_stats)
   if axis_name is not None:
-    grads, sums = lax.psum((grads, sums), axis_name)
+    if scaler is None:
+      grads = lax.psum(grads, axis_name)
+    sums = lax.psum(sums, axis_name)
     # BN running averages stay identical on every device. With per-device (local / ghost)
     # statistics, averaging every step is exact: the EMA of the mean is the mean of the EMAs.
     batch_stats = lax.pmean(batch_stats, axis_name)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), sums
+  new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if scaler is not None:  # an overflowing step changes only the scale (Flax's imagenet example)
+    keep = lambda a, b: jax.tree.map(functools.partial(jnp.where, finite), a, b)
+    new = new.replace(params=keep(new.params, state.params),
+                      opt_state=keep(new.opt_state, state.opt_state), dynamic_scale=scaler)
+  return new, sums
 
 
 def eval_step(state, batch, *, axis_name=None):
@@ -188,21 +213,24 @@ def _adam(learning_rate):
   return optim.make_optimizer('adam', learning_rate=learning_rate)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _states_of(model, variables, tx, augment):
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _states_of(model, variables, tx, augment, loss_scale):
   return jax.vmap(lambda v: TrainState.create(
       apply_fn=model.apply, params=v['params'], tx=tx, batch_stats=v.get('batch_stats', {}),
-      augment=augment))(variables)
+      augment=augment,
+      dynamic_scale=dynamic_scale_lib.DynamicScale() if loss_scale else None))(variables)
 
 
 def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
-                augment='none'):
-  """`create_train_state` for every seed's rng (stacked on axis 0), `tx` and `augment` as
-  there; the same numbers, from two programs (`init_variables`, then the optimizer state)."""
+                augment='none', loss_scale=False):
+  """`create_train_state` for every seed's rng (stacked on axis 0), `tx`, `augment` and
+  `loss_scale` as there; the same numbers, from two programs (`init_variables`, then the
+  optimizer state)."""
   augmentations.check(augment)
   if tx is None:
     tx = _adam(float(learning_rate))
-  return _states_of(model, init_variables(model, rngs, input_shape), tx, augment)
+  return _states_of(model, init_variables(model, rngs, input_shape), tx, augment,
+                    bool(loss_scale))
 
 
 train_chunks = jax.jit(

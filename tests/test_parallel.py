@@ -15,6 +15,7 @@ from _limits import HANG_SECONDS
 from bn_jax import data
 from bn_jax import loop
 from bn_jax import models
+from bn_jax import optim
 from bn_jax import parallel
 from bn_jax import train
 
@@ -26,10 +27,11 @@ def dataset():
   return data.load('synthetic:400', val_fraction=0.2)  # 320 train: 10 whole batches of 32
 
 
-def _fit(dataset, runner=train.ONE_DEVICE, epochs=2, **model_kwargs):
+def _fit(dataset, runner=train.ONE_DEVICE, epochs=2, loss_scale=False, optimizer=None,
+         **model_kwargs):
   model = models.create_model('mlp', hidden=(16,), **{'dropout': 0.0, **model_kwargs})
   return loop.fit(model, dataset, seeds=(0, 1), batch_size=32, epochs=epochs, progress=False,
-                   runner=runner)
+                   runner=runner, loss_scale=loss_scale, optimizer=optimizer)
 
 
 def _assert_close(a, b, atol):
@@ -56,6 +58,30 @@ def test_sync_on_8_devices_equals_one_device_on_the_whole_batch(dataset):
   # Per-device statistics would differ: local BN on 8 devices is another model.
   _, local = _fit(dataset, parallel.DataParallel(8), norm='batch')
   assert _max_diff(s1.batch_stats, local.batch_stats) > 1e-3
+
+
+def test_float16_loss_scaling_on_8_devices_equals_one_device(dataset):
+  # SGD: an update proportional to the gradient, so a gradient summed wrongly over devices
+  # would show (Adam's update hardly depends on the gradient's scale).
+  kwargs = dict(norm='batch', dtype=np.float16, loss_scale=True,
+                optimizer=optim.make_optimizer('sgd', learning_rate=0.05))
+  _, s1 = _fit(dataset, **kwargs)
+  _, s8 = _fit(dataset, parallel.DataParallel(8), bn_axis_name='batch', **kwargs)
+  # the same scale on every device and in both runs: 20 finite steps counted, none skipped
+  np.testing.assert_array_equal(s1.dynamic_scale.fin_steps, [20, 20])
+  np.testing.assert_array_equal(s8.dynamic_scale.fin_steps, s1.dynamic_scale.fin_steps)
+  _assert_close(s1.params, s8.params, atol=2e-3)  # float16 sums in another order
+
+
+@pytest.mark.parametrize('kind', ['shard_map', 'pmap'])
+def test_sgd_on_8_devices_takes_the_one_device_step(dataset, kind):
+  """SGD's update is proportional to the gradient: a gradient summed once too often over the
+  devices (shard_map differentiating replicated params) would show as 8x the step."""
+  sgd = optim.make_optimizer('sgd', learning_rate=0.05)
+  _, s1 = _fit(dataset, norm='batch', optimizer=sgd)
+  _, s8 = _fit(dataset, parallel.DataParallel(8, kind), norm='batch', bn_axis_name='batch',
+               optimizer=sgd)
+  _assert_close(s1.params, s8.params, atol=1e-5)
 
 
 def test_local_on_8_devices_equals_ghost_per_device_batch_on_one_device(dataset):

@@ -181,7 +181,12 @@ def test_fit_args_carry_every_loop_setting():
   assert settings.fit_args(config) == dict(
       learning_rate=1e-3, batch_size=32, epochs=5, max_steps=11, chunk_steps=3,
       evals_per_epoch=2, eval_batch_size=7, progress=False, precise_bn_examples=0,
-      augment='none')
+      augment='none', loss_scale=False)
+  for dtype, scaled in (('bfloat16', False), ('float16', True)):
+    half = settings.resolve(config, half_precision=True, half_precision_dtype=dtype)
+    assert settings.fit_args(half)['loss_scale'] is scaled
+    assert settings.identity(half)['compute_dtype'] == dtype
+    assert settings.make_model(half).dtype == dtype
 
 
 def test_presets_apply_before_command_line_overrides():

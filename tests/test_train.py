@@ -176,3 +176,38 @@ def test_init_and_evaluation_programs_are_shared_across_optimizers(small_dataset
   for a, b in zip(jax.tree.leaves((one.params, one.batch_stats)),
                   jax.tree.leaves((states.params, states.batch_stats))):
     np.testing.assert_array_equal(a, b[1])
+
+
+def test_loss_scaling_at_scale_one_is_the_plain_step(small_dataset):
+  from flax.training import dynamic_scale  # pylint: disable=g-import-not-at-top
+  state = _state(hidden=(8,))
+  batch = _batch(small_dataset, 16)
+  plain, _ = train.train_step(state, batch, jax.random.key(1))
+  scaled, _ = train.train_step(state.replace(dynamic_scale=dynamic_scale.DynamicScale(scale=1.0)),
+                               batch, jax.random.key(1))
+  jax.tree.map(np.testing.assert_array_equal, (plain.params, plain.opt_state),
+               (scaled.params, scaled.opt_state))
+  assert int(scaled.dynamic_scale.fin_steps) == 1  # one finite step counted
+
+
+def test_an_overflowing_float16_step_changes_only_the_scale(small_dataset):
+  from flax.training import dynamic_scale  # pylint: disable=g-import-not-at-top
+  model = models.create_model('mlp', norm='batch', hidden=(8,), dtype=np.float16)
+  state = train.create_train_state(model, jax.random.key(0), 1e-3, loss_scale=True)
+  assert float(state.dynamic_scale.scale) == 2.0**16  # Flax's default start
+  huge = state.replace(dynamic_scale=dynamic_scale.DynamicScale(scale=2.0**100))
+  after, _ = jax.jit(train.train_step)(huge, _batch(small_dataset, 16), jax.random.key(1))
+  jax.tree.map(np.testing.assert_array_equal, (after.params, after.opt_state),
+               (huge.params, huge.opt_state))  # the inf gradient was not applied
+  assert float(after.dynamic_scale.scale) == 2.0**99 and int(after.step) == 1
+
+
+def test_float16_training_with_loss_scaling_lowers_the_loss(small_dataset):
+  from bn_jax import loop  # pylint: disable=g-import-not-at-top
+  model = models.create_model('mlp', norm='batch', hidden=(32,), dtype=np.float16)
+  results, states = loop.fit(model, small_dataset, seeds=(0,), batch_size=32, epochs=3,
+                             progress=False, loss_scale=True)
+  losses = [h['train_loss'] for h in results[0]['history']]
+  assert losses[-1] < losses[0] and np.isfinite(losses).all()
+  assert states.dynamic_scale.scale.dtype == np.float32
+  assert all(p.dtype == np.float32 for p in jax.tree.leaves(states.params))
