@@ -39,8 +39,8 @@ def get_config():
   config.quick = False  # preset: small everything on synthetic data (tests, smoke runs)
   config.data = 'tfds:mnist'
   config.model = 'cnn'
-  config.features = (32, 64)
-  config.norm_groups = 8  # GroupNorm groups (the paper's 32 is more than our 32-channel layer)
+  config.features = (16, 32)  # 15 configurations x 5 seeds in ~15 minutes on a 2-core CPU
+  config.norm_groups = 8  # GroupNorm groups (the paper's 32 is more than our 16-channel layer)
   config.dropout = 0.0
   config.optimizer = 'momentum'
   config.learning_rate = 0.1  # at a total batch of 256, scaled linearly with it
