@@ -3,7 +3,8 @@
 # into a fresh workdir under $OUT (default runs/readme), timing each from process start.
 #   bash benchmarks/readme_numbers.sh            # all (about 15 minutes on a 2-core CPU)
 #   bash benchmarks/readme_numbers.sh bn_vs_no_bn batch_sizes   # some
-# The CNN claims (about 1.5 hours) run only when named: cnn_claims.
+# The CNN claims (about 1.5 hours) and the paper reproductions (about 1.5 hours, each
+# under 30 minutes) run only when named: cnn_claims, papers (or one of them, e.g. ioffe2015).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=idx:/usr/share/datasets/fashion-mnist
@@ -41,6 +42,12 @@ for step in $steps; do
         --config.train_examples=6000 --config.depth_width=16 --config.target_val_accuracy=0.8 \
         --config.compilation_cache_dir="$CACHE/$step" ;;
     speed) run $step python benchmarks/speed.py --data=$DATA --out="$OUT/speed.json" ;;
+    papers) for paper in ioffe2015 hoffer2017 wu_he2018 wu_johnson2021 santurkar2018; do
+        bash "$0" $paper; done ;;
+    ioffe2015|hoffer2017|wu_he2018|wu_johnson2021|santurkar2018) rm -rf "$OUT/papers/$step"
+      run $step python experiments/papers/$step.py --workdir="$OUT/papers/$step" \
+        --config.data=$DATA --config.compilation_cache_dir="$CACHE/$step" \
+        --config.progress=false ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
