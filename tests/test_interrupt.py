@@ -33,7 +33,7 @@ def _records(workdir):
       r.pop(key)
     for h in r['history']:
       h.pop('seconds')
-  return records
+  return sorted(records, key=lambda r: (r['run_key'], r['seed']))  # file order: finish order
 
 
 def _start_and_signal(workdir, *signals):
