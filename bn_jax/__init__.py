@@ -1,8 +1,10 @@
 """bn_jax: Batch Normalization and batch-size effects, studied in JAX/Flax.
 
 Modules, in the order data flows through them:
-  settings    defaults, checks, run identity, config -> model and fit arguments
-  data        data sources -> uint8 pixels, validation split, float inputs (lookup table)
+  settings    defaults, run identity, config -> model, optimizer and fit arguments
+  checks      every check on the settings, one message each
+  data        data specs -> uint8 pixels, validation split, float inputs (lookup table)
+  sources     data files (IDX, CIFAR-10) and TFDS -> numpy arrays
   augment     data augmentation on the device (crop + flip), inside the train step
   models      MLP, CNN and their normalization layers
   train       TrainState, the pure train / eval steps, scanned and seed-stacked programs
@@ -19,6 +21,7 @@ Modules, in the order data flows through them:
 
 from bn_jax import augment
 from bn_jax import checkpoint
+from bn_jax import checks
 from bn_jax import claims
 from bn_jax import cli
 from bn_jax import data

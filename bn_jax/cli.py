@@ -16,9 +16,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bn_jax import checks
 from bn_jax import interrupt
 from bn_jax import results
-from bn_jax import settings
 
 # Bad input a user can fix: reported as `error: <message>` and exit status 2, no traceback.
 USER_ERRORS = (ValueError, KeyError, OSError)
@@ -48,7 +48,7 @@ def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experimen
     overridden = config_flags.get_override_values(flags.FLAGS['config'])
     try:
       config = resolve(get_config(), overridden, presets)
-      settings.check_overrides(config, overridden, grid_keys)
+      checks.check_overrides(config, overridden, grid_keys)
       main(config, flags.FLAGS.workdir)
     except interrupt.Interrupted as e:
       if results.is_writer():

@@ -19,6 +19,7 @@ import time
 import jax
 
 from bn_jax import checkpoint
+from bn_jax import checks
 from bn_jax import data
 from bn_jax import interrupt
 from bn_jax import loop
@@ -44,7 +45,7 @@ def enable_compilation_cache(config):
 def load_data(config):
   """Everything a script does before its sweep: settings checked, compilation cache on, data
   loaded."""
-  settings.validate(config)
+  checks.validate(config)
   enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
                       split_seed=config.split_seed, data_dir=config.data_dir or None,
@@ -84,7 +85,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   runner = runner or make_runner(config)
   configs = [settings.resolve(config, **overrides) for overrides in grid]
   for c in configs:
-    settings.validate(c, runner.num_devices, len(dataset.train_labels))
+    checks.validate(c, runner.num_devices, len(dataset.train_labels))
     if c.standardize != dataset.standardize:
       raise settings.ConfigError(
           f'standardize={c.standardize}, but the dataset was loaded with standardize='

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from bn_jax import claims
-from bn_jax import data
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import precise_bn

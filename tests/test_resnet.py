@@ -11,7 +11,6 @@ from jax import lax
 
 from bn_jax import models
 from bn_jax import norms
-from bn_jax import norms
 from bn_jax import resnet
 from bn_jax import train
 
