@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-runs every command behind a number in README.md, on the offline Fashion-MNIST files, each
 # into a fresh workdir under $OUT (default runs/readme), timing each from process start.
-#   bash benchmarks/readme_numbers.sh            # all (about 15 minutes on a 2-core CPU)
+#   bash benchmarks/readme_numbers.sh            # all (about 25 minutes on a 2-core CPU)
 #   bash benchmarks/readme_numbers.sh bn_vs_no_bn batch_sizes   # some
 # The CNN claims (about 1.5 hours) and the paper reproductions (about 1.5 hours, each
 # under 30 minutes) run only when named: cnn_claims, papers (or one of them, e.g. ioffe2015).
@@ -11,7 +11,7 @@ DATA=idx:/usr/share/datasets/fashion-mnist
 OUT=${OUT:-runs/readme}
 CACHE=$(mktemp -d)  # an empty compilation cache: every timing is cold
 trap 'rm -rf "$CACHE"' EXIT
-steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow speed}
+steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow batch_sizes_again devices parallel_equivalence speed}
 
 run() {  # name, command...
   local name=$1; shift
@@ -41,6 +41,16 @@ for step in $steps; do
         --workdir="$OUT/claims_cnn" --config.data=$DATA --config.model=cnn \
         --config.train_examples=6000 --config.depth_width=16 --config.target_val_accuracy=0.8 \
         --config.compilation_cache_dir="$CACHE/$step" ;;
+    batch_sizes_again) run $step python experiments/batch_sizes.py \
+        --workdir="$OUT/batch_sizes" --config.data=$DATA --config.target_val_accuracy=0.85 \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    devices) for stats in sync local; do rm -rf "$OUT/8dev_$stats"
+        XLA_FLAGS=--xla_force_host_platform_device_count=8 run "$step $stats" python \
+          experiments/bn_vs_no_bn.py --workdir="$OUT/8dev_$stats" --config.data=$DATA \
+          --config.bn_stats=$stats --config.norms='("batch",)' \
+          --config.compilation_cache_dir="$CACHE/$step$stats" --config.progress=false; done ;;
+    parallel_equivalence) XLA_FLAGS=--xla_force_host_platform_device_count=8 run $step \
+        python benchmarks/parallel_equivalence.py --data=$DATA --steps=1,10,1000 ;;
     speed) run $step python benchmarks/speed.py --data=$DATA --out="$OUT/speed.json" ;;
     papers) for paper in ioffe2015 hoffer2017 wu_he2018 wu_johnson2021 santurkar2018; do
         bash "$0" $paper; done ;;

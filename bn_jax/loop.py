@@ -9,6 +9,7 @@ checkpoints cost no host sync per step.
 import dataclasses
 import functools
 import math
+import threading
 import time
 
 import jax
@@ -153,18 +154,32 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   t0 = time.perf_counter()
   eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   keys = _seed_keys(seeds)
-  states = runner.put(jax.device_get(init_states(
-      model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer, augment,
-      loss_scale)))
+  rows = runner.abstract(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32,
+                         split_last=True)
+  # A model's init and eval programs serve all its configurations: one thread compiles them,
+  # the others wait and find them in jit's cache (two threads compiling one program at once
+  # do the work twice, and their writes of one persistent-cache file can interleave: measured,
+  # a truncated cache entry).
+  with _model_lock(model):
+    states = runner.put(jax.device_get(init_states(
+        model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer, augment,
+        loss_scale)))
+    runner.evaluate.lower(without_optimizer(states), data.arrays, rows).compile()
   order = runner.abstract(
       (len(seeds), schedule.order_rows, schedule.batch_size), jnp.int32,
       split_last=True)
   runner.train_chunks.lower(states, data.arrays, order, runner.put(keys[:, 1]), 0, 0,
                             schedule.k).compile()
-  rows = runner.abstract(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32,
-                         split_last=True)
-  runner.evaluate.lower(without_optimizer(states), data.arrays, rows).compile()
   return Programs(states, time.perf_counter() - t0)
+
+
+_MODEL_LOCKS, _MODEL_LOCKS_GUARD = {}, threading.Lock()
+
+
+def _model_lock(model):
+  """One lock per model (Flax modules hash and compare by their fields)."""
+  with _MODEL_LOCKS_GUARD:
+    return _MODEL_LOCKS.setdefault(model, threading.Lock())
 
 
 def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5, max_steps=0,

@@ -1,6 +1,9 @@
 """The loop: chunk size and vmapped seeds change nothing, schedules, budgets, divergence."""
 
+import collections
 import functools
+import threading
+import time
 
 import jax
 import numpy as np
@@ -187,3 +190,35 @@ def test_several_devices_keep_batches_whole():
   assert sched.examples_after(10) == 288 + 32
   order = train.epoch_order(0, 0, num_examples=300, batch_size=32, num_rows=9)
   assert (order >= 0).all() and len(set(order.ravel())) == 288
+
+
+
+def test_one_thread_at_a_time_compiles_a_models_shared_programs(small_dataset, monkeypatch):
+  """Configurations of one model share its init and eval programs (`loop.compile_programs`):
+  concurrent compiles of them would do the work twice and can interleave their writes of one
+  persistent-cache file. Each init is slowed down so that unguarded threads would overlap."""
+  data = train.DeviceData.put(small_dataset)
+  inside, most, guard = collections.Counter(), collections.Counter(), threading.Lock()
+
+  def slow_init_states(model, *args):
+    with guard:
+      inside[model] += 1
+      most[model] = max(most[model], inside[model])
+    time.sleep(0.3)
+    with guard:
+      inside[model] -= 1
+    return train.init_states(model, *args)
+
+  monkeypatch.setattr(loop, 'init_states', slow_init_states)
+  bn, plain = (models.create_model('mlp', norm=n, hidden=(7,)) for n in ('batch', 'none'))
+  start = threading.Barrier(4)
+  compile_one = lambda model, batch_size: (start.wait(), loop.compile_programs(
+      model, data, loop.Schedule(data.size('train'), batch_size), seeds=(0,),
+      learning_rate=1e-3))
+  threads = [threading.Thread(target=compile_one, args=(m, b))
+             for m in (bn, plain) for b in (10, 20)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert most == {bn: 1, plain: 1}  # never two threads in one model's shared compile
