@@ -11,7 +11,7 @@ DATA=idx:/usr/share/datasets/fashion-mnist
 OUT=${OUT:-runs/readme}
 CACHE=$(mktemp -d)  # an empty compilation cache: every timing is cold
 trap 'rm -rf "$CACHE"' EXIT
-steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow batch_sizes_again devices parallel_equivalence speed}
+steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow batch_sizes_again devices parallel_equivalence speed conv_speed}
 
 run() {  # name, command...
   local name=$1; shift
@@ -51,6 +51,7 @@ for step in $steps; do
           --config.compilation_cache_dir="$CACHE/$step$stats" --config.progress=false; done ;;
     parallel_equivalence) XLA_FLAGS=--xla_force_host_platform_device_count=8 run $step \
         python benchmarks/parallel_equivalence.py --data=$DATA --steps=1,10,1000 ;;
+    conv_speed) run $step python benchmarks/conv_speed.py ;;
     speed) run $step python benchmarks/speed.py --data=$DATA --out="$OUT/speed.json" ;;
     papers) for paper in ioffe2015 hoffer2017 wu_he2018 wu_johnson2021 santurkar2018; do
         bash "$0" $paper; done ;;
