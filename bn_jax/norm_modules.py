@@ -187,7 +187,7 @@ class GroupNorm(nn.Module):
   `nn.GroupNorm` -> ReLU -> 2x2 max-pool -> Dense -> ReLU -> Dense returned NaN for whole
   channel groups in some shapes (8 channels in 4 or 2 groups, 64 in 16), finite without jit
   or with `--xla_cpu_use_fusion_emitters=false`: a miscompiled reduction fusion. Matmul sums
-  avoid that fusion (tests/test_norms.py checks the gradient in those shapes).
+  avoid that fusion (tests/test_layer_group_norms.py checks the gradient in those shapes).
   """
   num_groups: int = 32
   epsilon: float = 1e-3
