@@ -199,8 +199,8 @@ def load_tfds(name, *, data_dir=None):
   except Exception as e:  # TFDS raises its own DatasetNotFoundError
     raise ValueError(f'unknown TFDS dataset {name!r}: {e}') from e
   if not builder.is_prepared() and not _reachable('storage.googleapis.com'):
-    raise RuntimeError(f'tfds:{name} is not prepared in {builder.data_dir_root} and the '
-                       'network is unreachable, so TFDS cannot download it. ' + OFFLINE_HELP)
+    raise ConnectionError(f'tfds:{name} is not prepared in {builder.data_dir_root} and the '
+                          'network is unreachable, so TFDS cannot download it. ' + OFFLINE_HELP)
   out = []
   for split in ('train', 'test'):
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=True)
