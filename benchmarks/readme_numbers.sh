@@ -3,15 +3,16 @@
 # into a fresh workdir under $OUT (default runs/readme), timing each from process start.
 #   bash benchmarks/readme_numbers.sh            # all (about 25 minutes on a 2-core CPU)
 #   bash benchmarks/readme_numbers.sh bn_vs_no_bn batch_sizes   # some
-# The CNN claims (about 1.5 hours) and the paper reproductions (about 1.5 hours, each
-# under 30 minutes) run only when named: cnn_claims, papers (or one of them, e.g. ioffe2015).
+# The CNN claims (about 1.5 hours), the paper reproductions (about 1.5 hours, each under 30
+# minutes) and the Setups section's CNN and ResNet lines run only when named: cnn_claims,
+# papers (or one of them, e.g. ioffe2015), cnn_b8, resnet20, resnet20_precise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=idx:/usr/share/datasets/fashion-mnist
 OUT=${OUT:-runs/readme}
 CACHE=$(mktemp -d)  # an empty compilation cache: every timing is cold
 trap 'rm -rf "$CACHE"' EXIT
-steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow batch_sizes_again devices parallel_equivalence speed conv_speed}
+steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow batch_sizes_again devices parallel_equivalence speed conv_speed sgd}
 
 run() {  # name, command...
   local name=$1; shift
@@ -51,6 +52,24 @@ for step in $steps; do
           --config.compilation_cache_dir="$CACHE/$step$stats" --config.progress=false; done ;;
     parallel_equivalence) XLA_FLAGS=--xla_force_host_platform_device_count=8 run $step \
         python benchmarks/parallel_equivalence.py --data=$DATA --steps=1,10,1000 ;;
+    sgd) rm -rf "$OUT/sgd"; run $step python experiments/bn_vs_no_bn.py --workdir="$OUT/sgd" \
+        --config.data=$DATA --config.seeds=3 --config.optimizer=momentum \
+        --config.learning_rate=0.05 --config.lr_schedule=cosine --config.weight_decay=5e-4 \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    cnn_b8) rm -rf "$OUT/cnn_b8"; run $step python experiments/bn_vs_no_bn.py \
+        --workdir="$OUT/cnn_b8" --config.data=$DATA --config.model=cnn \
+        --config.train_examples=6000 --config.batch_size=8 --config.epochs=2 --config.seeds=3 \
+        --config.norms='("batch","group","batch_renorm","layer","none")' --config.norm_groups=8 \
+        --config.renorm_warmup_steps=300 --config.renorm_rmax_steps=1200 \
+        --config.renorm_dmax_steps=900 --config.compilation_cache_dir="$CACHE/$step" \
+        --config.progress=false ;;
+    resnet20|resnet20_precise) rm -rf "$OUT/$step"
+      extra=(); [ $step = resnet20_precise ] && extra=(--config.norms='("batch",)'
+        --config.precise_bn_examples=6000)
+      run $step python experiments/bn_vs_no_bn.py --workdir="$OUT/$step" --config.data=$DATA \
+        --config.model=resnet --config.train_examples=6000 --config.batch_size=128 \
+        --config.epochs=3 --config.seeds=3 "${extra[@]}" \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
     conv_speed) run $step python benchmarks/conv_speed.py ;;
     speed) run $step python benchmarks/speed.py --data=$DATA --out="$OUT/speed.json" ;;
     papers) for paper in ioffe2015 hoffer2017 wu_he2018 wu_johnson2021 santurkar2018; do
