@@ -12,7 +12,7 @@ DATA=idx:/usr/share/datasets/fashion-mnist
 OUT=${OUT:-runs/readme}
 CACHE=$(mktemp -d)  # an empty compilation cache: every timing is cold
 trap 'rm -rf "$CACHE"' EXIT
-steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow batch_sizes_again devices parallel_equivalence speed conv_speed sgd}
+steps=${*:-bn_vs_no_bn batch_sizes claims batch_sizes_grow batch_sizes_again devices parallel_equivalence speed conv_speed sgd half_precision augment}
 
 run() {  # name, command...
   local name=$1; shift
@@ -55,6 +55,13 @@ for step in $steps; do
     sgd) rm -rf "$OUT/sgd"; run $step python experiments/bn_vs_no_bn.py --workdir="$OUT/sgd" \
         --config.data=$DATA --config.seeds=3 --config.optimizer=momentum \
         --config.learning_rate=0.05 --config.lr_schedule=cosine --config.weight_decay=5e-4 \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    half_precision) rm -rf "$OUT/$step"; run $step python experiments/bn_vs_no_bn.py \
+        --workdir="$OUT/$step" --config.data=$DATA --config.seeds=3 --config.half_precision=true \
+        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    augment) rm -rf "$OUT/$step"; run $step python experiments/bn_vs_no_bn.py \
+        --workdir="$OUT/$step" --config.data=$DATA --config.model=cnn --config.train_examples=6000 \
+        --config.epochs=3 --config.seeds=3 --config.augment=crop_flip --config.standardize=true \
         --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
     cnn_b8) rm -rf "$OUT/cnn_b8"; run $step python experiments/bn_vs_no_bn.py \
         --workdir="$OUT/cnn_b8" --config.data=$DATA --config.model=cnn \

@@ -78,7 +78,7 @@ def accuracy(model, variables, images, labels, batch_statistics=0, chunk=500):
                                 for i in range(0, len(labels), chunk)])
     return float((predicted == np.asarray(labels)).mean())
   n = len(labels) // batch_statistics * batch_statistics
-  plain = model.clone(dropout=0.0)
+  plain = precise_bn.without_dropout(model)
   batches = images[:n].reshape((-1, batch_statistics) + images.shape[1:])
   logits = jax.lax.map(lambda x: plain.apply(variables, x, train=True,
                                              mutable=['batch_stats'])[0], batches)

@@ -23,7 +23,12 @@ def exact_model(model):
   changes = {'momentum': 0.0}
   if hasattr(model.norm, 'axis_name'):
     changes['axis_name'] = None
-  return model.clone(norm=model.norm.replace(**changes), dropout=0.0)
+  return without_dropout(model).clone(norm=model.norm.replace(**changes))
+
+
+def without_dropout(model):
+  """`model` with dropout off (the ResNet has none)."""
+  return model.clone(dropout=0.0) if hasattr(model, 'dropout') else model
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

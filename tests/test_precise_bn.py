@@ -66,3 +66,16 @@ def test_fit_records_metrics_with_precise_statistics(small_dataset):
                      seeds=(0,), batch_size=30, epochs=1, progress=False,
                      precise_bn_examples=120)
   assert 'precise_val_accuracy' not in runs[0]['final']
+
+
+def test_precise_statistics_of_the_resnet_which_has_no_dropout():
+  # The ResNet's first BN normalizes its stem convolution: with one batch of everything the
+  # population statistics are that convolution's per-channel mean and variance.
+  model = models.create_model('resnet', norm='batch', depth=8, width=4)
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (6, 8, 8, 3)))
+  variables = model.init(jax.random.key(1), x[:1], train=False)
+  stem = jax.lax.conv_general_dilated(x, variables['params']['Conv_0']['kernel'], (1, 1),
+                                      'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  stats = precise_bn.population_stats(model, variables, x, batch_size=6)['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], np.mean(stem, (0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], np.var(stem, (0, 1, 2)), rtol=1e-3, atol=1e-6)
