@@ -2,8 +2,6 @@
 closed form, group counts, both wired into the models, and one train step with each of the
 norms beyond BN."""
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,24 +11,14 @@ import pytest
 
 from bn_jax import models
 from bn_jax import norms
+from _norm_layer import NormLayer
+from _norm_layer import X
 from bn_jax import train
-
-X = np.array([[1., 2., -1.], [3., 0., -1.], [5., 4., -1.], [7., 2., 3.]], np.float32)
-
-
-class _Norm(nn.Module):
-  """One norm layer, called as the models call it (mask in train mode only)."""
-  norm: Callable
-
-  @nn.compact
-  def __call__(self, x, *, train, mask=None):
-    return norms.normalize(self.norm, x, train, mask)
-
 
 def test_layernorm_normalizes_each_example_over_all_its_axes():
   # Wu & He 2018: LN on a conv map normalizes over (H, W, C); scale and bias per channel.
   x = jax.random.normal(jax.random.key(0), (3, 2, 2, 4)) * jnp.array([1., 5., 10., 2.]) + 3
-  norm = _Norm(norms.norm_layer('layer', epsilon=1e-3))
+  norm = NormLayer(norms.norm_layer('layer', epsilon=1e-3))
   variables = norm.init(jax.random.key(0), x, train=False)
   assert set(variables) == {'params'}
   assert variables['params']['LayerNorm_0']['scale'].shape == (4,)
@@ -40,7 +28,7 @@ def test_layernorm_normalizes_each_example_over_all_its_axes():
     y = norm.apply(variables, x, train=train, mask=np.array([1, 1, 0]))
     np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-3), rtol=1e-4, atol=1e-5)
   # It equals GroupNorm with one group; on Dense outputs it normalizes over the features.
-  one_group = _Norm(norms.norm_layer('group', groups=1, epsilon=1e-3))
+  one_group = NormLayer(norms.norm_layer('group', groups=1, epsilon=1e-3))
   as_group = {'params': {'GroupNorm_0': variables['params']['LayerNorm_0']}}
   np.testing.assert_allclose(one_group.apply(as_group, x, train=True),
                              norm.apply(variables, x, train=True), rtol=1e-5, atol=1e-5)
@@ -51,7 +39,7 @@ def test_layernorm_normalizes_each_example_over_all_its_axes():
 
 def test_groupnorm_normalizes_groups_of_channels_per_example():
   x = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 3, 6)), np.float64) * 4 + 1
-  norm = _Norm(norms.norm_layer('group', groups=3, epsilon=1e-3))
+  norm = NormLayer(norms.norm_layer('group', groups=3, epsilon=1e-3))
   variables = norm.init(jax.random.key(0), x, train=False)
   assert set(variables) == {'params'}
   groups = x.reshape(2, 3, 3, 3, 2)  # 3 groups of 2 channels: over H, W and the group's channels
@@ -68,11 +56,11 @@ def test_groupnorm_normalizes_groups_of_channels_per_example():
 
 def test_groups_are_capped_at_the_channels_and_must_divide_them():
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 16))
-  capped = _Norm(norms.norm_layer('group', groups=32))  # 16 channels: 16 groups of one
+  capped = NormLayer(norms.norm_layer('group', groups=32))  # 16 channels: 16 groups of one
   variables = capped.init(jax.random.key(0), x, train=False)
   y = capped.apply(variables, x, train=True)
   for groups, same in ((16, True), (8, False)):
-    other = _Norm(norms.norm_layer('group', groups=groups)).apply(
+    other = NormLayer(norms.norm_layer('group', groups=groups)).apply(
         {'params': variables['params']}, x, train=True)
     assert np.allclose(y, other, atol=1e-6) == same
   model = models.create_model('cnn', norm='group', features=(16, 48), norm_groups=32)

@@ -3,8 +3,6 @@ closed-form expectations, the norm constructors, and BN wired into the models (B
 test_renorm.py; LayerNorm and GroupNorm: test_layer_group_norms.py)."""
 
 import functools
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,22 +11,12 @@ import pytest
 
 from bn_jax import models
 from bn_jax import norms
-
-
-X = np.array([[1., 2., -1.], [3., 0., -1.], [5., 4., -1.], [7., 2., 3.]], np.float32)
-
-
-class _Norm(nn.Module):
-  """One norm layer, called as the models call it (mask in train mode only)."""
-  norm: Callable
-
-  @nn.compact
-  def __call__(self, x, *, train, mask=None):
-    return norms.normalize(self.norm, x, train, mask)
+from _norm_layer import NormLayer
+from _norm_layer import X
 
 
 def _bn(momentum=0.9, epsilon=1e-3):
-  norm = _Norm(norms.norm_layer('batch', momentum=momentum, epsilon=epsilon))
+  norm = NormLayer(norms.norm_layer('batch', momentum=momentum, epsilon=epsilon))
   variables = norm.init(jax.random.key(0), jnp.asarray(X), train=False)
   return norm, variables
 
@@ -70,7 +58,7 @@ def test_running_averages_follow_closed_form_and_eval_uses_them():
 def test_running_mean_of_two_different_batches():
   # Batches of constant blocks, values 1 then 2, momentum 0.9:
   # after 1: 0.1 * 1 = 0.1; after 2: 0.9 * 0.1 + 0.1 * 2 = 0.29.
-  norm = _Norm(norms.norm_layer('batch', momentum=0.9))
+  norm = NormLayer(norms.norm_layer('batch', momentum=0.9))
   ones = jnp.ones((4, 3))
   variables = norm.init(jax.random.key(0), ones, train=False)
   stats = variables['batch_stats']
@@ -94,7 +82,7 @@ def test_mask_keeps_padding_out_of_batch_statistics():
 
 
 def test_conv_batchnorm_is_per_channel():
-  norm = _Norm(norms.norm_layer('batch', epsilon=0.0))
+  norm = NormLayer(norms.norm_layer('batch', epsilon=0.0))
   x = jax.random.normal(jax.random.key(1), (8, 5, 5, 3)) * jnp.array([1., 10., 100.])
   x = x + jnp.array([-5., 0., 50.])
   variables = norm.init(jax.random.key(0), x, train=False)

@@ -3,9 +3,6 @@ clipped, no gradient through them, the warm-up schedule, masks, synced statistic
 equivalence to BN at rmax=1, dmax=0."""
 
 import functools
-from typing import Callable
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,15 +10,7 @@ import pytest
 
 from bn_jax import models
 from bn_jax import norms
-
-
-class _Norm(nn.Module):
-  """One norm layer, called as the models call it (mask in train mode only)."""
-  norm: Callable
-
-  @nn.compact
-  def __call__(self, x, *, train, mask=None):
-    return norms.normalize(self.norm, x, train, mask)
+from _norm_layer import NormLayer
 
 
 NO_SCHEDULE = dict(warmup_steps=0, rmax_steps=0, dmax_steps=0)  # the final limits at once
@@ -108,8 +97,8 @@ def test_renorm_with_rmax_1_dmax_0_equals_batchnorm(kwargs, shape):
   # r_max = 1, d_max = 0: set directly, or the default schedule's warm-up (step 0).
   x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
   mask = np.array([1, 1, 1, 0, 1, 0], bool)
-  renorm = _Norm(norms.norm_layer('batch_renorm', momentum=0.9, **kwargs))
-  bn = _Norm(norms.norm_layer('batch', momentum=0.9))
+  renorm = NormLayer(norms.norm_layer('batch_renorm', momentum=0.9, **kwargs))
+  bn = NormLayer(norms.norm_layer('batch', momentum=0.9))
   features = shape[-1]
   params = {'scale': np.linspace(0.5, 2, features), 'bias': np.linspace(-1, 1, features)}
   stats = {'mean': np.linspace(-3, 3, features), 'var': np.linspace(0.5, 4, features)}
