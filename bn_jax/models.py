@@ -12,7 +12,7 @@ layers compute in bfloat16 while their parameters stay float32; the norms comput
 statistics in float32), and the logits are float32 for the loss.
 
 The CNN's 3x3 convolutions are `nn.Conv` layers computed as patches x kernel matmuls on CPU
-(`patch_conv`): XLA's CPU convolutions are ~17x slower inside a loop body (the `lax.scan` of
+(`patch_conv`): XLA's CPU convolutions are ~17x slower inside a loop body (the `lax.fori_loop` of
 `train_chunk`; jax-ml/jax#12868) because their gradients stay in non-canonical layouts there.
 """
 

@@ -9,6 +9,8 @@ named `kernel` decay). For sgd / momentum / nesterov / adam it is L2 added to th
 the optimizer (the ResNet papers' "SGD with weight decay"); adamw decays decoupled, same mask.
 """
 
+import functools
+
 import jax
 import optax
 
@@ -25,6 +27,10 @@ def decay_mask(params):
 def make_optimizer(name='adam', *, learning_rate, momentum=0.9, weight_decay=0.0,
                    weight_decay_norms_and_biases=False):
   """An Optax optimizer whose current rate lives at `opt_state.hyperparams['learning_rate']`.
+
+  Equal arguments with a constant (number) rate give the same object, so states built with it
+  share their (static) optimizer and the programs traced for it (a sweep's configurations that
+  differ only in batch size share one optimizer-state program).
 
   Args:
     name: one of OPTIMIZERS; sgd is plain SGD, momentum / nesterov are `optax.sgd` with
@@ -45,6 +51,19 @@ def make_optimizer(name='adam', *, learning_rate, momentum=0.9, weight_decay=0.0
                      '--config.weight_decay=1e-4')
   if name in ('momentum', 'nesterov') and not 0 <= momentum < 1:
     raise ValueError(f'momentum must be in [0, 1), got {momentum}: e.g. --config.momentum=0.9')
+  if isinstance(learning_rate, (int, float)):
+    return _constant_rate_optimizer(name, float(learning_rate), momentum, weight_decay,
+                                    bool(weight_decay_norms_and_biases))
+  return _build(name, learning_rate, momentum, weight_decay, weight_decay_norms_and_biases)
+
+
+@functools.lru_cache(maxsize=None)
+def _constant_rate_optimizer(name, learning_rate, momentum, weight_decay,
+                             weight_decay_norms_and_biases):
+  return _build(name, learning_rate, momentum, weight_decay, weight_decay_norms_and_biases)
+
+
+def _build(name, learning_rate, momentum, weight_decay, weight_decay_norms_and_biases):
   mask = None if weight_decay_norms_and_biases else decay_mask
 
   def factory(learning_rate):

@@ -28,9 +28,9 @@ BN_STATS = ('sync', 'local', 'ghost')
 KINDS = ('shard_map', 'pmap')
 
 
-def _chunks(states, data, order, rngs, start, stop, num_steps):
+def _chunks(states, data, order, rngs, start, stop):
   """Per device: `train.train_chunk` over the stacked seeds, collectives over AXIS."""
-  chunk = functools.partial(train.train_chunk, num_steps=num_steps, axis_name=AXIS)
+  chunk = functools.partial(train.train_chunk, axis_name=AXIS)
   return train.over_seeds(chunk, (0, None, 0, 0, None, None))(
       states, data, order, rngs, start, stop)
 
@@ -56,18 +56,15 @@ class DataParallel:
     self.num_devices = num_devices or len(devices)
     self.mesh = jax.sharding.Mesh(np.array(devices[:self.num_devices]), (AXIS,))
     if kind == 'shard_map':
-      self.train_chunks = jax.jit(
-          lambda states, data, order, rngs, start, stop, num_steps: jax.shard_map(
-              functools.partial(_chunks, num_steps=num_steps), mesh=self.mesh,
-              in_specs=(P(), P(), P(None, None, AXIS), P(), P(), P()),
-              out_specs=(P(), P()))(states, data, order, rngs, start, stop),
-          static_argnums=6, donate_argnums=0)
+      self.train_chunks = jax.jit(jax.shard_map(
+          _chunks, mesh=self.mesh, in_specs=(P(), P(), P(None, None, AXIS), P(), P(), P()),
+          out_specs=(P(), P())), donate_argnums=0)
       self.evaluate = jax.jit(jax.shard_map(
           _evaluate, mesh=self.mesh, in_specs=(P(), P(), P(None, AXIS)), out_specs=P()))
     else:  # pmap: every argument carries a leading device axis, the same step inside
       self.train_chunks = jax.pmap(
-          _chunks, AXIS, in_axes=(0, 0, 0, 0, None, None), static_broadcasted_argnums=6,
-          donate_argnums=0, devices=self.mesh.devices.tolist())
+          _chunks, AXIS, in_axes=(0, 0, 0, 0, None, None), donate_argnums=0,
+          devices=self.mesh.devices.tolist())
       self.evaluate = jax.pmap(_evaluate, AXIS, devices=self.mesh.devices.tolist())
 
   def _sharding(self, ndim, split_last):

@@ -28,7 +28,7 @@ def step_times(model, data, batch_size, steps=200, repeats=1):
   order = jax.device_put(np.stack([train.epoch_order(
       0, 0, num_examples=n, batch_size=batch_size, num_rows=max(steps, -(-n // batch_size)))]))
   rows = jax.device_put(np.arange(steps * batch_size).reshape(steps, batch_size) % n)
-  train_fn = lambda s: train.train_chunks(s, data.arrays, order, rngs, 0, steps, steps)
+  train_fn = lambda s: train.train_chunks(s, data.arrays, order, rngs, 0, steps)
   eval_fn = lambda s: train.evaluate_seeds(s, data.arrays, rows)
   states, sums = train_fn(states)  # compile and warm up both
   jax.block_until_ready((sums, eval_fn(states)))

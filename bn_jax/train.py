@@ -1,8 +1,8 @@
 """TrainState with `batch_stats`, the pure train / eval steps, and their chunked programs.
 
 `train_step` and `eval_step` are pure functions of their arguments, jit-able as is, with an
-optional `axis_name` for data parallelism. `train_chunk` runs K of them in one `lax.scan`
-(K up to a whole epoch), with the dataset on the device passed as an argument; the seeds of a
+optional `axis_name` for data parallelism. `train_chunk` runs any number of them (up to a
+whole epoch) in one `lax.fori_loop`, with the dataset on the device passed as an argument; the seeds of a
 configuration are stacked on a leading axis (`jax.vmap`), so one compiled program trains them
 all. The loop that drives these programs is `bn_jax.loop.fit`.
 
@@ -153,22 +153,21 @@ def gather_batch(data, idx):
           'mask': idx >= 0}
 
 
-def train_chunk(state, data, order, rng, start, stop, *, num_steps, axis_name=None):
-  """Steps on rows start .. start+num_steps-1 of `order` in one `lax.scan`; summed metrics.
+def train_chunk(state, data, order, rng, start, stop, *, axis_name=None):
+  """Steps on rows start .. stop-1 of `order` in one `lax.fori_loop`; summed metrics.
 
-  Rows from `stop` on are skipped (state unchanged), so chunks need not divide the epoch.
+  The trip count is a run-time value, so one compiled program runs chunks of any length.
   `data` is passed in, never closed over (a closed-over array is baked into the program).
   """
-  no_metrics = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  zeros = jax.tree.map(jnp.float32, {'loss': 0.0, 'correct': 0.0, 'count': 0.0})
 
-  def body(state, i):
-    batch = gather_batch(data, lax.dynamic_index_in_dim(order, start + i, keepdims=False))
-    return lax.cond(start + i < stop,
-                    lambda s: train_step(s, batch, rng, axis_name=axis_name),
-                    lambda s: (s, jax.tree.map(jnp.float32, no_metrics)), state)
+  def body(i, carry):
+    state, sums = carry
+    batch = gather_batch(data, lax.dynamic_index_in_dim(order, i, keepdims=False))
+    state, step_sums = train_step(state, batch, rng, axis_name=axis_name)
+    return state, jax.tree.map(jnp.add, sums, step_sums)
 
-  state, sums = lax.scan(body, state, jnp.arange(num_steps))
-  return state, jax.tree.map(lambda x: jnp.sum(x, 0), sums)
+  return lax.fori_loop(start, stop, body, (state, zeros))
 
 
 def evaluate(state, data, rows, *, axis_name=None):
@@ -207,12 +206,6 @@ def init_variables(model, rngs, input_shape=(1, 28, 28, 1)):
                                          train=False))(rngs)
 
 
-@functools.lru_cache(maxsize=None)
-def _adam(learning_rate):
-  """One Adam per rate: states built with it share their (static) optimizer."""
-  return optim.make_optimizer('adam', learning_rate=learning_rate)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
 def _states_of(model, variables, tx, augment, loss_scale):
   return jax.vmap(lambda v: TrainState.create(
@@ -228,16 +221,12 @@ def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
   optimizer state)."""
   augmentations.check(augment)
   if tx is None:
-    tx = _adam(float(learning_rate))
+    tx = optim.make_optimizer('adam', learning_rate=float(learning_rate))
   return _states_of(model, init_variables(model, rngs, input_shape), tx, augment,
                     bool(loss_scale))
 
 
-train_chunks = jax.jit(
-    lambda states, data, order, rngs, start, stop, num_steps: over_seeds(
-        functools.partial(train_chunk, num_steps=num_steps),
-        (0, None, 0, 0, None, None))(states, data, order, rngs, start, stop),
-    static_argnums=6, donate_argnums=0)
+train_chunks = jax.jit(over_seeds(train_chunk, (0, None, 0, 0, None, None)), donate_argnums=0)
 evaluate_seeds = jax.jit(over_seeds(evaluate, (0, None, None)))
 
 

@@ -7,10 +7,12 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from bn_jax import loop
 from bn_jax import models
+from bn_jax import optim
 from bn_jax import train
 
 
@@ -83,7 +85,6 @@ def test_schedule_chunks_and_eval_points():
   assert (sched.k, sched.chunks_per_epoch) == (3, 4)
   assert sched.chunks(0) == sched.chunks(1) == ((0, 3), (3, 5), (5, 8), (8, 10))
   assert sched.chunks(0, 5) == ((5, 8), (8, 10))  # resuming within an epoch
-  assert sched.order_rows == 11  # the last chunk's scan reads rows 8 .. 10
   assert sched.total_steps == 20 and sched.num_epochs == 2
   assert [sched.examples_after(s) for s in (0, 3, 9, 10, 11, 20)] == [0, 96, 288, 300, 332, 600]
   # Chunks of 2 with 2 evals an epoch: chunks also end at the eval point 5.
@@ -222,3 +223,24 @@ def test_one_thread_at_a_time_compiles_a_models_shared_programs(small_dataset, m
   for t in threads:
     t.join()
   assert most == {bn: 1, plain: 1}  # never two threads in one model's shared compile
+
+
+def test_equal_models_share_one_eval_program_whatever_the_optimizer(small_dataset):
+  """Configurations that differ in batch size and optimizer object (a schedule), each with its
+  own (equal) model object, compile one init and one eval program: bound methods compare their
+  module by identity, so without the shared model each state's `apply_fn` would differ."""
+  data = train.DeviceData.put(small_dataset)
+  rows = train.index_rows(data.splits['val'], 1000)
+  caches = lambda: [f._cache_size() for f in (train.init_variables, train.evaluate_seeds,
+                                              train._states_of)]  # pylint: disable=protected-access
+  before = caches()
+  for batch_size in (10, 20, 30):
+    model = models.create_model('mlp', norm='batch', hidden=(9,))  # a new, equal object
+    sched = loop.Schedule(data.size('train'), batch_size)
+    tx = optim.make_optimizer('sgd', learning_rate=optax.cosine_decay_schedule(
+        0.1, sched.total_steps))  # a new optimizer object every time
+    states = loop.compile_programs(model, data, sched, seeds=(0,), learning_rate=0.1,
+                                   optimizer=tx).states
+    train.evaluate_seeds(train.without_optimizer(states), data.arrays, rows)  # as fit calls it
+  assert caches() == [before[0] + 1, before[1] + 1, before[2] + 3]
+  assert states.apply_fn.__self__ == model and states.apply_fn.__self__ is not model

@@ -191,6 +191,23 @@ def test_stored_rate_under_vmap_over_seeds_with_tx_static_in_jit():
     np.testing.assert_allclose(rate, np.full(3, schedule(k - 1)), rtol=1e-6)
 
 
+def test_equal_constant_rate_arguments_give_one_optimizer_object():
+  """States built with it share their static optimizer, so configurations that differ only in
+  batch size share one optimizer-state program; a schedule gives a new object every time."""
+  adam = optim.make_optimizer('adam', learning_rate=1e-3)
+  assert optim.make_optimizer('adam', learning_rate=0.001) is adam
+  assert optim.make_optimizer('adam', learning_rate=2e-3) is not adam
+  assert optim.make_optimizer('adamw', learning_rate=1e-3) is not adam
+  momentum = optim.make_optimizer('momentum', learning_rate=0.1, momentum=0.9, weight_decay=1e-4)
+  assert optim.make_optimizer('momentum', learning_rate=0.1, momentum=0.9,
+                              weight_decay=1e-4) is momentum
+  assert optim.make_optimizer('momentum', learning_rate=0.1, momentum=0.5,
+                              weight_decay=1e-4) is not momentum
+  schedule = optax.constant_schedule(0.1)
+  assert (optim.make_optimizer('sgd', learning_rate=schedule)
+          is not optim.make_optimizer('sgd', learning_rate=schedule))
+
+
 def test_create_train_state_default_is_adam():
   model = models.create_model('mlp', norm='batch', hidden=(4,))
   state = train.create_train_state(model, jax.random.key(0), 1e-3)

@@ -126,8 +126,7 @@ def test_running_averages_are_identical_on_every_device(dataset, bn_axis_name):
   order = runner.put(train.epoch_order(0, 0, num_examples=320, batch_size=32,
                                        num_rows=10)[None], split_last=True)
   rngs = runner.put(jax.random.split(jax.random.key(0), 1))
-  states, _ = runner.train_chunks(programs.states, data_on_devices.arrays, order, rngs, 0, 10,
-                                  10)
+  states, _ = runner.train_chunks(programs.states, data_on_devices.arrays, order, rngs, 0, 10)
   for leaf in jax.tree.leaves(states.batch_stats):
     shards = [np.asarray(s.data) for s in leaf.addressable_shards]
     assert len(shards) == 8

@@ -152,6 +152,27 @@ def test_step_on_device_pixels_is_bit_identical_to_the_float_path(small_dataset)
                  (results[0][0].params, results[0][0].batch_stats, results[0][1]))
 
 
+def test_one_program_runs_chunks_of_every_length(small_dataset):
+  """`train_chunks` trains rows start .. stop-1 with run-time bounds: chunks (0, 3), (3, 4) and
+  (4, 10) compile one program and train what one chunk (0, 10) trains."""
+  model = models.create_model('mlp', norm='batch', hidden=(6,), dropout=0.2)
+  data_ = train.DeviceData.put(small_dataset)
+  order = np.stack([train.epoch_order(0, 0, num_examples=300, batch_size=32, num_rows=10)])
+  rngs = jax.random.split(jax.random.key(1), 1)
+  fresh = lambda: train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3)
+  compiled = train.train_chunks._cache_size()
+  whole, whole_sums = train.train_chunks(fresh(), data_.arrays, order, rngs, 0, 10)
+  states, count = fresh(), 0.0
+  for start, stop in ((0, 3), (3, 4), (4, 10)):
+    states, sums = train.train_chunks(states, data_.arrays, order, rngs, start, stop)
+    count += float(sums['count'][0])
+  assert train.train_chunks._cache_size() == compiled + 1
+  assert int(states.step[0]) == int(whole.step[0]) == 10
+  assert count == float(whole_sums['count'][0]) == 300  # 9 batches of 32, then 12
+  _assert_trees_close((states.params, states.batch_stats), (whole.params, whole.batch_stats),
+                      rtol=1e-6, atol=1e-7)
+
+
 def test_unknown_augment_is_refused():
   model = models.create_model('mlp', hidden=(4,))
   with pytest.raises(ValueError, match="unknown augment 'flip': choose one of"):
