@@ -5,12 +5,12 @@ r"""Speed of bn_jax on whatever backend JAX has, in one process:
   (b) one configuration with 1, 8 and 64 seeds trained together;
   (c) train-step throughput at batch 32 and 256 against the measured float32 matmul rate;
   (d) the same grid in plain PyTorch (eager; only if torch is installed);
-  (e) the BN-CNN's scanned train step at batch 32 with its convolutions as patch matmuls and as
-      XLA convolutions, and PyTorch's eager CNN step;
+  (e) the BN-CNN's train step (in the training loop) at batch 32 with its convolutions as
+      patch matmuls and as XLA convolutions, and PyTorch's eager CNN step;
   (f) the same for ResNet-20 (BN, option A; bn_jax.resnet) at batch 128 on 32x32x3 generated
       inputs, with conv = forward (the CPU default), patches and xla, against the same ResNet-20
       in eager PyTorch. On CPU the xla variant is timed over 1 step: it is 35-50x slower inside
-      `lax.scan` (jax-ml/jax#12868). --resnet_steps=0 skips (f).
+      the training loop (jax-ml/jax#12868). --resnet_steps=0 skips (f).
 
   python benchmarks/speed.py --data=idx:/usr/share/datasets/fashion-mnist --out=speed.json
 
@@ -81,18 +81,18 @@ def matmul_rate(m=1024, reps=50):
 
 
 def step_seconds(dataset, model, batch_size, steps):
-  """Seconds per scanned train step of `model` (1 seed; `bn_jax.timing`, the claims' timer)."""
+  """Seconds per train step of `model` (1 seed; `bn_jax.timing`, the claims' timer)."""
   return timing.step_times(model, train.DeviceData.put(dataset), batch_size, steps)['train'][0]
 
 
 def step_throughput(dataset, batch_size, steps=400):
-  """Examples per second of the scanned BN-MLP train step (1 seed)."""
+  """Examples per second of the BN-MLP train step (1 seed)."""
   model = models.create_model('mlp', norm='batch')
   return batch_size / step_seconds(dataset, model, batch_size, steps)
 
 
 def cnn_step_ms(dataset, conv, batch_size=32, steps=50):
-  """Milliseconds per scanned train step of the BN-CNN (1 seed), with `conv` = patches | xla."""
+  """Milliseconds per train step of the BN-CNN (1 seed), with `conv` = patches | xla."""
   model = models.create_model('cnn', norm='batch', conv=conv)
   return step_seconds(dataset, model, batch_size, steps) * 1e3
 
@@ -114,7 +114,7 @@ def torch_cnn_step_ms(batch_size=32, steps=50):
 
 
 def resnet_step_ms(conv, batch_size=128, steps=20, examples=600):
-  """Milliseconds per scanned train step of ResNet-20 (BN, option A; bn_jax.resnet) on
+  """Milliseconds per train step of ResNet-20 (BN, option A; bn_jax.resnet) on
   32x32x3 generated inputs (1 seed), with `conv` = forward | patches | xla."""
   dataset = data_lib.load(f'synthetic:{examples}:32x32x3')
   model = resnet.ResNet(depth=20, norm=norms.norm_layer('batch'), conv=conv)

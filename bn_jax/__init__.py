@@ -7,9 +7,10 @@ Modules, in the order data flows through them:
   sources     data files (IDX, CIFAR-10) and TFDS -> numpy arrays
   augment     data augmentation on the device (crop + flip), inside the train step
   models      MLP, CNN and their normalization layers
-  train       TrainState, the pure train / eval steps, scanned and seed-stacked programs
+  train       TrainState, the pure train / eval steps, chunked and seed-stacked programs
   parallel    the same programs data-parallel over devices and hosts
-  loop        the fit loop: schedule, eval points, divergence, checkpoints
+  schedule    epochs -> dispatched chunks and eval points
+  loop        the fit loop: programs compiled ahead, divergence, validation, checkpoints
   checkpoint  Orbax checkpoints
   sweep       the resumable sweep every experiment runs through
   results     records, run keys, code versions, the workdir, atomic files

@@ -91,9 +91,10 @@ def _predict(model, variables, images):
 
 
 class Study:
-  """A study's training runs (the claims, a paper reproduction), every one through the resumable sweep: recorded in the
-  workdir's results.jsonl with its final state, checkpointed, resumed after a kill, and never
-  trained twice (a second call of a finished study trains nothing)."""
+  """A study's training runs (the claims, a paper reproduction), every one through the
+  resumable sweep: recorded in the workdir's results.jsonl with its final state, checkpointed,
+  resumed after a kill, and never trained twice (a second call of a finished study trains
+  nothing)."""
 
   def __init__(self, config, dataset, workdir, experiment='claims'):
     self.config, self.dataset, self.workdir = config, dataset, workdir

@@ -72,7 +72,7 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
                dimension_numbers=None, feature_group_count=1, precision=None):
   """`lax.conv_general_dilated` for what `nn.Conv` passes (NHWC inputs, HWIO kernel), as one
   matmul of the kernel with the stacked shifted copies of the input (im2col). Its gradients
-  are matmuls and pads, fast on CPU also inside `lax.scan`; strided, dilated or grouped
+  are matmuls and pads, fast on CPU also inside the training loop; strided, dilated or grouped
   convolutions fall back to `lax.conv_general_dilated`."""
   plain = (lhs.ndim == 4 and feature_group_count == 1 and set(window_strides) == {1} and
            all(d is None or set(d) == {1} for d in (lhs_dilation, rhs_dilation)))
@@ -89,7 +89,7 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
   height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1
   patches = jnp.concatenate([x[:, i:i + height, j:j + width] for i in range(kh)
                              for j in range(kw)], axis=-1)  # (B, H, W, kh*kw*cin)
-  # A 2-D matmul: with a 4-D dot_general the CNN's scanned step was ~50% slower on CPU.
+  # A 2-D matmul: with a 4-D dot_general the CNN's in-loop step was ~50% slower on CPU.
   out = jnp.dot(patches.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
                 precision=precision)
   return out.reshape(patches.shape[:3] + (cout,))
@@ -149,8 +149,8 @@ def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
                  bn_axis_name=None, bn_group_size=0, norm_groups=32, renorm_rmax=3.0,
                  renorm_dmax=5.0, renorm_warmup_steps=5000, renorm_rmax_steps=40000,
                  renorm_dmax_steps=25000, bn_noise=1.0, **kwargs):
-  """Builds a model by name ('mlp', 'cnn' or 'resnet') normalized by `norms.norm_layer(norm, ...)`, with
-  keyword overrides of its other fields.
+  """Builds a model by name ('mlp', 'cnn' or 'resnet') normalized by
+  `norms.norm_layer(norm, ...)`, with keyword overrides of its other fields.
 
   `norm` is one of `norms.NORMS`. `bn_momentum` and `bn_axis_name` serve 'batch', 'ghost' and
   'batch_renorm'; `bn_epsilon` every norm; `bn_group_size` 'ghost'; `norm_groups` 'group';

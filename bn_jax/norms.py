@@ -103,8 +103,8 @@ class GhostBatchNormLayer(_NormLayer):
                        f'(got group_size={self.group_size}).')
 
   def __call__(self, use_running_average, **kwargs):
-    return norm_modules.GhostBatchNormAsBatchNorm(self.group_size, use_running_average, self.momentum,
-                                      self.epsilon, **kwargs)
+    return norm_modules.GhostBatchNormAsBatchNorm(self.group_size, use_running_average,
+                                                  self.momentum, self.epsilon, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,12 +22,13 @@ norm has no bias (`use_bias=norm is None`).
 norms and logits stay float32), as `models.CNN` does.
 
 On CPU (`conv='auto'`) the convolutions are `forward_conv`s: XLA's CPU backend runs the
-convolutions of a gradient ~30x slower inside `lax.scan` (the train loop; jax-ml/jax#12868),
-as they are laid out there, but runs forward (NHWC x HWIO) convolutions fast, so the gradients
-are written as forward convolutions of transposed operands. ResNet-20, batch 128, 2-core CPU,
-scanned train step (benchmarks/speed.py): `forward` 1.4-1.7x faster than im2col matmuls
-(`patch_conv`, the CNN's way), 35-50x faster than XLA's own convolution gradients; stride 2 as
-a strided im2col rather than a stride-1 im2col then subsampling (4x the FLOPs): ~25% faster.
+convolutions of a gradient ~30x slower inside the training loop (a `lax.fori_loop`;
+jax-ml/jax#12868), as they are laid out there, but runs forward (NHWC x HWIO) convolutions
+fast, so the gradients are written as forward convolutions of transposed operands.
+ResNet-20, batch 128, 2-core CPU, in-loop train step (benchmarks/speed.py): `forward`
+1.4-1.7x faster than im2col matmuls (`patch_conv`, the CNN's way), 35-50x faster than XLA's
+own convolution gradients; stride 2 as a strided im2col rather than a stride-1 im2col then
+subsampling (4x the FLOPs): ~25% faster.
 """
 
 import functools
@@ -85,7 +86,7 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
   kh, kw, cin, cout = rhs.shape
   patches = _im2col(lhs, kh, kw, _explicit(padding, lhs, rhs, window_strides),
                     tuple(window_strides))
-  # A 2-D matmul: with a 4-D dot_general the CNN's scanned step was ~50% slower on CPU.
+  # A 2-D matmul: with a 4-D dot_general the CNN's in-loop step was ~50% slower on CPU.
   out = jnp.dot(patches.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
                 precision=precision)
   return out.reshape(patches.shape[:3] + (cout,))
@@ -124,8 +125,8 @@ def forward_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
   """`lax.conv_general_dilated` for what `nn.Conv` passes (NHWC inputs, HWIO kernel) whose
   gradients are forward convolutions as well: the input gradient convolves the output
   gradient with the flipped kernel, the kernel gradient convolves the transposed input with
-  the transposed output gradient. XLA's CPU backend keeps these in fast layouts also inside
-  `lax.scan`, where the convolutions of its own gradient are ~30x slower (jax-ml/jax#12868).
+  the transposed output gradient. XLA's CPU backend keeps these in fast layouts also inside the
+  training loop, where the convolutions of its own gradient are ~30x slower (jax-ml/jax#12868).
   Strided convolutions are `patch_conv`s (the ResNet's 2 stride-2 convs), as are paddings
   wider than the kernel; dilated and grouped ones are `lax.conv_general_dilated`'s.
 
@@ -209,7 +210,7 @@ class ResNet(nn.Module):
     conv: 'auto' ('forward' on CPU, else 'xla') | 'forward' (XLA convolutions whose gradients
       are forward convolutions too, `forward_conv`; stride 2 as `patch_conv`) | 'patches'
       (im2col matmuls, `patch_conv`, as `models.CNN` on CPU) | 'xla' (`lax.conv_general_dilated`
-      and its own gradients: on CPU ~30x slower in the train loop's `lax.scan`).
+      and its own gradients: on CPU ~30x slower in the training loop).
     dtype: compute dtype of the convs and the Dense layer, e.g. jnp.bfloat16 (parameters,
       norms and logits stay float32).
   """

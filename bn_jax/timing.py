@@ -1,6 +1,6 @@
-"""The one step timer: seconds per scanned train step and per eval step of a model, as the
-training loop runs them (one seed, `lax.scan` over `steps` steps, compiled and warmed up
-first). Used by the overhead claim and by benchmarks/speed.py."""
+"""The one step timer: seconds per train step and per eval step of a model, as the
+training loop runs them (one seed, one `train_chunks` call of `steps` steps, compiled and
+warmed up first). Used by the overhead claim and by benchmarks/speed.py."""
 
 import time
 

@@ -2,9 +2,9 @@
 
 `train_step` and `eval_step` are pure functions of their arguments, jit-able as is, with an
 optional `axis_name` for data parallelism. `train_chunk` runs any number of them (up to a
-whole epoch) in one `lax.fori_loop`, with the dataset on the device passed as an argument; the seeds of a
-configuration are stacked on a leading axis (`jax.vmap`), so one compiled program trains them
-all. The loop that drives these programs is `bn_jax.loop.fit`.
+whole epoch) in one `lax.fori_loop`, with the dataset on the device passed as an argument; the
+seeds of a configuration are stacked on a leading axis (`jax.vmap`), so one compiled program
+trains them all. The loop that drives these programs is `bn_jax.loop.fit`.
 
 Images stay uint8 on the device: `gather_batch` turns a batch's pixels into float32 model
 inputs by the dataset's lookup table (`data.Dataset.pixel_table`: pixel / 255, standardized

@@ -24,8 +24,8 @@ def test_layernorm_normalizes_each_example_over_all_its_axes():
   assert variables['params']['LayerNorm_0']['scale'].shape == (4,)
   x64 = np.asarray(x, np.float64)
   mean, var = x64.mean((1, 2, 3), keepdims=True), x64.var((1, 2, 3), keepdims=True)
-  for train in (True, False):
-    y = norm.apply(variables, x, train=train, mask=np.array([1, 1, 0]))
+  for training in (True, False):
+    y = norm.apply(variables, x, train=training, mask=np.array([1, 1, 0]))
     np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-3), rtol=1e-4, atol=1e-5)
   # It equals GroupNorm with one group; on Dense outputs it normalizes over the features.
   one_group = NormLayer(norms.norm_layer('group', groups=1, epsilon=1e-3))
