@@ -165,7 +165,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
     return step
 
   bar = tqdm(total=sched.total_steps, initial=step, desc=desc, leave=False,
-             disable=not progress or jax.process_index() != 0)
+             # None: tqdm shows it only on a terminal (a log file gets no bar escape codes).
+             disable=True if not progress or jax.process_index() != 0 else None)
   try:
     for epoch in range(start_epoch, sched.num_epochs):
       if all(diverged_at):

@@ -182,3 +182,11 @@ def test_equal_models_share_one_eval_program_whatever_the_optimizer(small_datase
     train.evaluate_seeds(train.without_optimizer(states), data.arrays, rows)  # as fit calls it
   assert caches() == [before[0] + 1, before[1] + 1, before[2] + 3]
   assert states.apply_fn.__self__ == model and states.apply_fn.__self__ is not model
+
+
+def test_progress_bar_only_on_a_terminal(small_dataset, capsys):
+  """Captured (not a terminal, like a log file), `progress=True` writes no bar: no carriage
+  returns or cursor-up escapes end up next to the tables the scripts print."""
+  _fit(small_dataset, epochs=1, progress=True)
+  err = capsys.readouterr().err
+  assert '\r' not in err and '\x1b[A' not in err and 'it/s' not in err
