@@ -18,14 +18,7 @@ Modules, in the order data flows through them:
   claims      effects, verdicts and BN measurements of the claims study
   timing      the step timer
   cli         the command line of the experiment scripts
-  xla_cpu     XLA's CPU compiler at -O1 on CPU-only installs (same numbers, faster compiles)
 """
-
-from bn_jax import xla_cpu
-
-xla_cpu.prefer_fast_compiles()  # before JAX starts its backends: XLA reads XLA_FLAGS then
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bn_jax import augment
 from bn_jax import checkpoint
