@@ -22,6 +22,13 @@ run() {  # name, command...
   echo "== $name: $(echo "$(date +%s.%N) - $t0" | bc) s"
 }
 
+bn_vs_no_bn() {  # step, extra settings...: the main experiment into a fresh $OUT/<step>
+  local step=$1; shift
+  rm -rf "$OUT/$step"
+  run $step python experiments/bn_vs_no_bn.py --workdir="$OUT/$step" --config.data=$DATA \
+      --config.compilation_cache_dir="$CACHE/$step" --config.progress=false "$@"
+}
+
 for step in $steps; do
   case $step in
     bn_vs_no_bn) rm -rf "$OUT/fmnist"; run $step python experiments/bn_vs_no_bn.py \
@@ -52,31 +59,21 @@ for step in $steps; do
           --config.compilation_cache_dir="$CACHE/$step$stats" --config.progress=false; done ;;
     parallel_equivalence) XLA_FLAGS=--xla_force_host_platform_device_count=8 run $step \
         python benchmarks/parallel_equivalence.py --data=$DATA --steps=1,10,1000 ;;
-    sgd) rm -rf "$OUT/sgd"; run $step python experiments/bn_vs_no_bn.py --workdir="$OUT/sgd" \
-        --config.data=$DATA --config.seeds=3 --config.optimizer=momentum \
-        --config.learning_rate=0.05 --config.lr_schedule=cosine --config.weight_decay=5e-4 \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
-    half_precision) rm -rf "$OUT/$step"; run $step python experiments/bn_vs_no_bn.py \
-        --workdir="$OUT/$step" --config.data=$DATA --config.seeds=3 --config.half_precision=true \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
-    augment) rm -rf "$OUT/$step"; run $step python experiments/bn_vs_no_bn.py \
-        --workdir="$OUT/$step" --config.data=$DATA --config.model=cnn --config.train_examples=6000 \
-        --config.epochs=3 --config.seeds=3 --config.augment=crop_flip --config.standardize=true \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
-    cnn_b8) rm -rf "$OUT/cnn_b8"; run $step python experiments/bn_vs_no_bn.py \
-        --workdir="$OUT/cnn_b8" --config.data=$DATA --config.model=cnn \
-        --config.train_examples=6000 --config.batch_size=8 --config.epochs=2 --config.seeds=3 \
+    sgd) bn_vs_no_bn $step --config.seeds=3 --config.optimizer=momentum \
+        --config.learning_rate=0.05 --config.lr_schedule=cosine --config.weight_decay=5e-4 ;;
+    half_precision) bn_vs_no_bn $step --config.seeds=3 --config.half_precision=true ;;
+    augment) bn_vs_no_bn $step --config.model=cnn --config.train_examples=6000 \
+        --config.epochs=3 --config.seeds=3 --config.augment=crop_flip --config.standardize=true ;;
+    cnn_b8) bn_vs_no_bn $step --config.model=cnn --config.train_examples=6000 \
+        --config.batch_size=8 --config.epochs=2 --config.seeds=3 \
         --config.norms='("batch","group","batch_renorm","layer","none")' --config.norm_groups=8 \
         --config.renorm_warmup_steps=300 --config.renorm_rmax_steps=1200 \
-        --config.renorm_dmax_steps=900 --config.compilation_cache_dir="$CACHE/$step" \
-        --config.progress=false ;;
-    resnet20|resnet20_precise) rm -rf "$OUT/$step"
+        --config.renorm_dmax_steps=900 ;;
+    resnet20|resnet20_precise)
       extra=(); [ $step = resnet20_precise ] && extra=(--config.norms='("batch",)'
         --config.precise_bn_examples=6000)
-      run $step python experiments/bn_vs_no_bn.py --workdir="$OUT/$step" --config.data=$DATA \
-        --config.model=resnet --config.train_examples=6000 --config.batch_size=128 \
-        --config.epochs=3 --config.seeds=3 "${extra[@]}" \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+      bn_vs_no_bn $step --config.model=resnet --config.train_examples=6000 \
+        --config.batch_size=128 --config.epochs=3 --config.seeds=3 "${extra[@]}" ;;
     conv_speed) run $step python benchmarks/conv_speed.py ;;
     speed) run $step python benchmarks/speed.py --data=$DATA --out="$OUT/speed.json" ;;
     papers) for paper in ioffe2015 hoffer2017 wu_he2018 wu_johnson2021 santurkar2018; do
