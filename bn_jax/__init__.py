@@ -18,7 +18,10 @@ Modules, in the order data flows through them:
   claims      effects, verdicts and BN measurements of the claims study
   timing      the step timer
   cli         the command line of the experiment scripts
+  threefry    JAX's random hash unrolled on CPU (same bits, less compiling); set on import
 """
+
+from bn_jax import threefry  # first: every program compiled after it gets the lowering
 
 from bn_jax import augment
 from bn_jax import checkpoint
