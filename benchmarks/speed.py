@@ -82,7 +82,8 @@ def matmul_rate(m=1024, reps=50):
 
 def step_seconds(dataset, model, batch_size, steps):
   """Seconds per train step of `model` (1 seed; `bn_jax.timing`, the claims' timer)."""
-  return timing.step_times(model, train.DeviceData.put(dataset), batch_size, steps)['train'][0]
+  times = timing.step_times({'model': model}, train.DeviceData.put(dataset), batch_size, steps)
+  return times['model']['train'][0]
 
 
 def step_throughput(dataset, batch_size, steps=400):

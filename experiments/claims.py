@@ -260,8 +260,9 @@ def claim_overhead(study, c, out, repeats=5, steps=200):
   """7: time per train step and per eval step, and memory of params + state (measured anew
   on every call: a timing, not a training run)."""
   data = train.DeviceData.put(study.dataset)
-  times = {n: timing.step_times(study.model(norm=n), data, c.batch_size, steps, repeats)
-           for n in NORMS}
+  # BN and no BN timed in turn within each repeat: each ratio compares times seconds apart.
+  times = timing.step_times({n: study.model(norm=n) for n in NORMS}, data, c.batch_size, steps,
+                            repeats)
 
   ratio = np.array(times['batch']['train']) / np.array(times['none']['train'])
   eval_ratio = np.array(times['batch']['eval']) / np.array(times['none']['eval'])
