@@ -29,18 +29,19 @@ bn_vs_no_bn() {  # step, extra settings...: the main experiment into a fresh $OU
       --config.compilation_cache_dir="$CACHE/$step" --config.progress=false "$@"
 }
 
+batch_size_study() {  # step, extra settings...: the batch-size study in the shared workdir
+  local step=$1; shift
+  run $step python experiments/batch_sizes.py --workdir="$OUT/batch_sizes" --config.data=$DATA \
+      --config.target_val_accuracy=0.85 --config.compilation_cache_dir="$CACHE/$step" \
+      --config.progress=false "$@"
+}
+
 for step in $steps; do
   case $step in
-    bn_vs_no_bn) rm -rf "$OUT/fmnist"; run $step python experiments/bn_vs_no_bn.py \
-        --workdir="$OUT/fmnist" --config.data=$DATA --config.seeds=5 \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
-    batch_sizes) rm -rf "$OUT/batch_sizes"; run $step python experiments/batch_sizes.py \
-        --workdir="$OUT/batch_sizes" --config.data=$DATA --config.target_val_accuracy=0.85 \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
-    batch_sizes_grow) run $step python experiments/batch_sizes.py \
-        --workdir="$OUT/batch_sizes" --config.data=$DATA --config.target_val_accuracy=0.85 \
-        --config.batch_sizes='(16,32,64,128,256,512)' --config.seeds=7 \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    bn_vs_no_bn) bn_vs_no_bn fmnist --config.seeds=5 ;;  # into $OUT/fmnist
+    batch_sizes) rm -rf "$OUT/batch_sizes"; batch_size_study $step ;;
+    batch_sizes_grow) batch_size_study $step --config.batch_sizes='(16,32,64,128,256,512)' \
+        --config.seeds=7 ;;
     claims) rm -rf "$OUT/claims"; run $step python experiments/claims.py \
         --workdir="$OUT/claims" --config.data=$DATA --config.target_val_accuracy=0.85 \
         --config.batch_sizes_workdir="$OUT/batch_sizes" \
@@ -49,9 +50,7 @@ for step in $steps; do
         --workdir="$OUT/claims_cnn" --config.data=$DATA --config.model=cnn \
         --config.train_examples=6000 --config.depth_width=16 --config.target_val_accuracy=0.8 \
         --config.compilation_cache_dir="$CACHE/$step" ;;
-    batch_sizes_again) run $step python experiments/batch_sizes.py \
-        --workdir="$OUT/batch_sizes" --config.data=$DATA --config.target_val_accuracy=0.85 \
-        --config.compilation_cache_dir="$CACHE/$step" --config.progress=false ;;
+    batch_sizes_again) batch_size_study $step ;;
     devices) for stats in sync local; do rm -rf "$OUT/8dev_$stats"
         XLA_FLAGS=--xla_force_host_platform_device_count=8 run "$step $stats" python \
           experiments/bn_vs_no_bn.py --workdir="$OUT/8dev_$stats" --config.data=$DATA \
