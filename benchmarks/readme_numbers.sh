@@ -19,7 +19,7 @@ run() {  # name, command...
   echo "== $name: $*"
   local t0=$(date +%s.%N)
   "$@"
-  echo "== $name: $(echo "$(date +%s.%N) - $t0" | bc) s"
+  echo "== $name: $(awk -v t0="$t0" -v t1="$(date +%s.%N)" 'BEGIN {printf "%.1f", t1 - t0}') s"
 }
 
 bn_vs_no_bn() {  # step, extra settings...: the main experiment into a fresh $OUT/<step>

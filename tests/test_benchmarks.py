@@ -40,3 +40,38 @@ def test_conv_speed_times_every_resnet_stage():
   assert [row.split(':')[0] for row in rows] == ['32x32x16', '16x16x32', '8x8x64']
   for row in rows:
     assert 'forward_conv ' in row and ' xla ' in row
+
+
+def _readme_numbers(tmp_path, *steps):
+  """Runs benchmarks/readme_numbers.sh with a stand-in `python` that records its arguments;
+  returns (the completed process, one argument string per python command)."""
+  bin_dir, log = tmp_path / 'bin', tmp_path / 'python_calls.txt'
+  bin_dir.mkdir()
+  (bin_dir / 'python').write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+  (bin_dir / 'python').chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', OUT=str(tmp_path / 'out'))
+  run = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'readme_numbers.sh'), *steps],
+                       capture_output=True, text=True, env=env, timeout=60, check=False)
+  return run, log.read_text().splitlines() if log.exists() else []
+
+
+def test_readme_numbers_runs_each_paper_with_the_readme_settings(tmp_path):
+  run, calls = _readme_numbers(tmp_path, 'papers')
+  assert run.returncode == 0, run.stderr
+  papers = ['ioffe2015', 'hoffer2017', 'wu_he2018', 'wu_johnson2021', 'santurkar2018']
+  assert [c.split()[0] for c in calls] == [f'experiments/papers/{p}.py' for p in papers]
+  for paper, call in zip(papers, calls):
+    assert f'--workdir={tmp_path}/out/papers/{paper}' in call.split()
+    assert '--config.data=idx:/usr/share/datasets/fashion-mnist' in call.split()
+    # The README's Wu & He row trained on half the training set, the others on all of it.
+    assert ('--config.train_examples=27000' in call.split()) == (paper == 'wu_he2018')
+  timed = [line for line in run.stdout.splitlines() if line.startswith('== ')
+           and line.endswith(' s') and ': python' not in line]
+  assert len(timed) == len(papers)  # each step's wall time, printed after it
+  float(timed[0].split()[-2])
+
+
+def test_readme_numbers_refuses_an_unknown_step(tmp_path):
+  run, calls = _readme_numbers(tmp_path, 'resnet20_precise', 'no_such_step')
+  assert run.returncode == 2 and 'unknown step no_such_step' in run.stdout
+  assert len(calls) == 1 and '--config.precise_bn_examples=6000' in calls[0].split()
