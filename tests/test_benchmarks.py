@@ -75,3 +75,22 @@ def test_readme_numbers_refuses_an_unknown_step(tmp_path):
   run, calls = _readme_numbers(tmp_path, 'resnet20_precise', 'no_such_step')
   assert run.returncode == 2 and 'unknown step no_such_step' in run.stdout
   assert len(calls) == 1 and '--config.precise_bn_examples=6000' in calls[0].split()
+
+
+def test_readme_numbers_runs_the_readme_cnn_claims_commands(tmp_path):
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = [line.split() for line in f if line.startswith('python experiments/claims.py')
+              and '--config.model=cnn' in line]
+  assert len(readme) == 2  # claims 1-2, then the others
+  run, calls = _readme_numbers(tmp_path, 'cnn_claims')
+  assert run.returncode == 0, run.stderr
+  assert len(calls) == len(readme)
+  for command, call in zip(readme, calls):
+    args = call.split()
+    assert args[0] == command[1] == 'experiments/claims.py'
+    workdir = next(a for a in command if a.startswith('--workdir='))
+    assert f'--workdir={tmp_path}/out/{os.path.basename(workdir)}' in args
+    # Every setting of the README's command, and no other claim or eval setting.
+    assert set(command[2:]) - {workdir} <= set(args), call
+    assert {a.split('=')[0] for a in args} - {a.split('=')[0] for a in command} <= {
+        '--config.progress', '--config.compilation_cache_dir'}, call
