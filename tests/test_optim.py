@@ -219,6 +219,18 @@ def test_create_train_state_default_is_adam():
     np.testing.assert_allclose(new - old, 1e-3, rtol=1e-4)
 
 
+def test_adam_rounds_as_plain_optax_adam():
+  """make_optimizer's Adam (only the rate injected) is bit for bit `optax.adam`: its 1 - b1 and
+  1 - b2 come from Python floats. Injecting b1 and b2 too (bn_jax before commit b60661e) computes
+  them in float32 (1 - 0.9f = 0.100000024), which moved every Adam run's numbers."""
+  params = {'w': jnp.linspace(-1.0, 1.0, 1000)}
+  grads = [{'w': jnp.sin(jnp.arange(1000.0) + k)} for k in range(3)]
+  run = lambda tx: np.asarray(jax.jit(lambda p: _steps(tx, p, grads)[0])(params)['w'])
+  ours = run(optim.make_optimizer('adam', learning_rate=0.01))
+  np.testing.assert_array_equal(ours, run(optax.adam(0.01)))
+  assert not np.array_equal(ours, run(optax.inject_hyperparams(optax.adam)(learning_rate=0.01)))
+
+
 @pytest.mark.parametrize('call, message', [
     (lambda: optim.make_optimizer('lamb', learning_rate=0.1), 'optimizer must be one of'),
     (lambda: optim.make_optimizer('sgd', learning_rate=0.1, weight_decay=-1.0),
