@@ -196,16 +196,32 @@ def _torch_step_ms(torch, net, shape, steps, warmup):
 
 
 def torch_grid(dataset, epochs):
-  """The grid in plain PyTorch, eager: the seed MLP, data on the device, index batches."""
+  """The grid in plain PyTorch, eager, doing what bn_jax's grid does: the seed MLP, data on the
+  device, index batches; each step's loss and correct predictions summed (on the device),
+  validation loss and accuracy after every epoch, and at the end loss and accuracy on the test
+  set and on the training set in eval mode (bn_jax's `train_eval_*`)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  x = torch.tensor(dataset.train_images.reshape(-1, 784), device=device)
-  y = torch.tensor(dataset.train_labels, dtype=torch.long, device=device)
-  xv = torch.tensor(dataset.val_images.reshape(-1, 784), device=device)
-  yv = torch.tensor(dataset.val_labels, dtype=torch.long, device=device)
+  split = lambda name: (
+      torch.tensor(getattr(dataset, f'{name}_images').reshape(-1, 784), device=device),
+      torch.tensor(getattr(dataset, f'{name}_labels'), dtype=torch.long, device=device))
+  (x, y), val, test = split('train'), split('val'), split('test')
+  f = torch.nn.functional
+
+  def evaluate(net, images, labels):  # (loss, accuracy) in eval mode, batches of 1,000
+    net.eval()
+    loss = correct = 0.0
+    with torch.no_grad():
+      for i in range(0, len(labels), 1000):
+        out = net(images[i:i + 1000])
+        loss += f.cross_entropy(out, labels[i:i + 1000], reduction='sum')
+        correct += (out.argmax(1) == labels[i:i + 1000]).sum()
+    return float(loss) / len(labels), float(correct) / len(labels)
+
+  finals = {}  # per configuration: the keys of a bn_jax record's `final`
   t0 = time.perf_counter()
   for norm in ('batch', 'none'):
     for batch_size in BATCH_SIZES:
@@ -219,18 +235,27 @@ def torch_grid(dataset, epochs):
       for _ in range(epochs):
         net.train()
         perm = torch.randperm(len(y), device=device)
+        loss_sum = correct = torch.zeros((), device=device)
         for i in range(0, len(y), batch_size):
           idx = perm[i:i + batch_size]
-          loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+          out = net(x[idx])
+          loss = f.cross_entropy(out, y[idx])
           opt.zero_grad(set_to_none=True)
           loss.backward()
           opt.step()
-        net.eval()
-        with torch.no_grad():
-          (net(xv).argmax(1) == yv).float().mean().item()
-  if device == 'cuda':
-    torch.cuda.synchronize()
-  return {'seconds': time.perf_counter() - t0, 'torch': torch.__version__, 'device': device}
+          loss_sum = loss_sum + loss.detach() * len(idx)
+          correct = correct + (out.argmax(1) == y[idx]).sum()
+        train = float(loss_sum) / len(y), float(correct) / len(y)
+        val_metrics = evaluate(net, *val)
+      final = {}
+      for name, metrics in (('train', train), ('val', val_metrics),
+                            ('test', evaluate(net, *test)), ('train_eval', evaluate(net, x, y))):
+        final.update({f'{name}_loss': metrics[0], f'{name}_accuracy': metrics[1]})
+      finals[f'{norm}/{batch_size}'] = final
+  seconds = time.perf_counter() - t0
+  test_accuracy = [final['test_accuracy'] for final in finals.values()]
+  return {'seconds': seconds, 'torch': torch.__version__, 'device': device, 'final': finals,
+          'test_accuracy_min_max': [min(test_accuracy), max(test_accuracy)]}
 
 
 def main():
@@ -328,7 +353,10 @@ def _table(out):
   if torch_result:
     rows.append((f"PyTorch {torch_result['torch']} eager grid ({torch_result['device']})",
                  f"{torch_result['seconds']:.1f} s = "
-                 f"{torch_result['seconds'] / out['grid_cold']['wall']:.1f}x bn_jax cold"))
+                 f"{torch_result['seconds'] / out['grid_cold']['wall']:.2f}x bn_jax cold; "
+                 'test accuracy %.4f-%.4f (bn_jax %.4f-%.4f)' % (
+                     *torch_result['test_accuracy_min_max'],
+                     *out['grid_cold']['test_accuracy_min_max'])))
   width = max(len(r[0]) for r in rows)
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (tiny settings; their timings are not asserted)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +9,10 @@ import sys
 import pytest
 
 from _limits import HANG_SECONDS
+
+from bn_jax import data
+from bn_jax import loop
+from bn_jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,3 +99,26 @@ def test_readme_numbers_runs_the_readme_cnn_claims_commands(tmp_path):
     assert set(command[2:]) - {workdir} <= set(args), call
     assert {a.split('=')[0] for a in args} - {a.split('=')[0] for a in command} <= {
         '--config.progress', '--config.compilation_cache_dir'}, call
+
+
+def test_torch_grid_reports_what_the_bn_jax_grid_does():
+  """speed.py's PyTorch grid does the bn_jax grid's work: for every configuration the metrics
+  of a bn_jax record's `final` (train, val, test, train_eval), each over its whole split."""
+  pytest.importorskip('torch')
+  spec = importlib.util.spec_from_file_location(
+      'speed', os.path.join(ROOT, 'benchmarks', 'speed.py'))
+  speed = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(speed)
+  dataset = data.load('synthetic:600')
+  out = speed.torch_grid(dataset, epochs=1)
+  results, _ = loop.fit(models.create_model('mlp', norm='batch'), dataset, batch_size=256,
+                        epochs=1, progress=False)
+  assert set(out['final']) == {f'{n}/{b}' for n in ('batch', 'none') for b in speed.BATCH_SIZES}
+  sizes = dataset.sizes()
+  for final in out['final'].values():
+    assert set(final) == set(results[0]['final'])
+    for split in ('train', 'val', 'test', 'train_eval'):
+      n = sizes['train' if split == 'train_eval' else split]
+      correct = final[f'{split}_accuracy'] * n  # a whole number of the split's n examples
+      assert abs(correct - round(correct)) < 1e-6 and 0 <= correct <= n
+      assert 0 < final[f'{split}_loss'] < 10
