@@ -216,9 +216,9 @@ def torch_grid(dataset, epochs):
     loss = correct = 0.0
     with torch.no_grad():
       for i in range(0, len(labels), 1000):
-        out = net(images[i:i + 1000])
-        loss += f.cross_entropy(out, labels[i:i + 1000], reduction='sum')
-        correct += (out.argmax(1) == labels[i:i + 1000]).sum()
+        out, target = net(images[i:i + 1000]), labels[i:i + 1000]
+        loss += f.cross_entropy(out, target, reduction='sum')
+        correct += (out.argmax(1) == target).sum()
     return float(loss) / len(labels), float(correct) / len(labels)
 
   finals = {}  # per configuration: the keys of a bn_jax record's `final`
