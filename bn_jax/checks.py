@@ -1,8 +1,10 @@
 """Every check on the run settings, each once, with one message: `validate` (a resolved config,
-before anything trains or is written) and `check_overrides` (command-line settings a script
-would ignore). Each failure is a `settings.ConfigError` naming the setting and the fix."""
+before anything trains or is written), `check_sweep` (what needs the data and the workdir,
+before a sweep opens its workdir) and `check_overrides` (command-line settings a script would
+ignore). Each failure is a `settings.ConfigError` naming the setting and the fix."""
 
 import math
+import os
 import warnings
 
 from bn_jax import augment
@@ -11,7 +13,9 @@ from bn_jax import models
 from bn_jax import norms
 from bn_jax import optim
 from bn_jax import parallel
+from bn_jax import schedule
 from bn_jax import settings
+from bn_jax import summaries
 
 
 def _check(ok, message):
@@ -48,7 +52,8 @@ def _widths(config, key, example):
          f'--config.{key}="{example}".')
 
 
-# Checks of settings that only some scripts have (their grid lists), applied where present.
+# Checks of settings that only some scripts have (their grid lists and inputs), applied where
+# present.
 GRID_CHECKS = {
     'norms': lambda c: [_check(n in settings.NORMS, f'norms must list some of '
                                f'{settings.NORMS}, got {tuple(c.norms)}.')
@@ -68,7 +73,33 @@ GRID_CHECKS = {
         f'{tuple(c.activations)}.'),
     'momenta': lambda c: _check(c.momenta and all(0 <= m < 1 for m in c.momenta),
                                 f'momenta must list numbers in [0, 1), got {tuple(c.momenta)}.'),
+    'precise_examples': lambda c: _check(c.precise_examples and all(
+        isinstance(n, int) and n >= 0 for n in c.precise_examples), 'precise_examples must '
+        f'list example counts >= 0 (0: every training example), got {tuple(c.precise_examples)}'
+        ": e.g. --config.precise_examples='(1000,0)'."),
+    'batch_sizes_workdir': lambda c: _check_batch_sizes_workdir(c.batch_sizes_workdir),
 }
+
+# Settings only some runs read: setting -> (the setting that decides, the values it is read
+# with). One given on the command line that no run of the script reads is refused
+# (`check_overrides`); defaults never are.
+READ_ONLY_WITH = {
+    **{key: ('norm', ('batch_renorm',)) for key in settings.RENORM_KEYS},
+    'bn_noise': ('norm', ('noisy_batch',)),
+    **{key: ('norm', settings.RUNNING_STATS) for key in (
+        'bn_momentum', 'bn_stats', 'bn_batch_of_one', 'precise_bn_examples',
+        'bn_ema_bias_correction')},
+    'bn_group_size': ('bn_stats', ('ghost',)),
+    'bn_epsilon': ('norm', tuple(n for n in settings.NORMS if n != 'none')),
+    'norm_groups': ('norm', ('group',)),
+    'momentum': ('optimizer', ('momentum', 'nesterov')),
+    'half_precision_dtype': ('half_precision', (True,)),
+    'lr_decay_epochs': ('lr_schedule', ('step',)),
+    'lr_decay_factor': ('lr_schedule', ('step',)),
+}
+# A setting a script's grid sets for every run -> the list of its values, where the script has
+# one (e.g. bn_vs_no_bn.py's `norms`).
+GRID_LISTS = {'norm': 'norms', 'batch_size': 'batch_sizes', 'learning_rate': 'lrs'}
 
 
 def validate(config, num_devices=1, num_train=None):
@@ -76,7 +107,7 @@ def validate(config, num_devices=1, num_train=None):
   `settings.ConfigError` naming the setting and the fix."""
   c = config
   try:
-    data.parse_spec(c.data)
+    kind, spec = data.parse_spec(c.data)
   except ValueError as e:
     raise settings.ConfigError(str(e)) from None
   _fraction(c, 'val_fraction', low_open=True)
@@ -153,6 +184,94 @@ def validate(config, num_devices=1, num_train=None):
       settings.make_optimizer(c, steps, c.max_steps or c.epochs * steps)
     except ValueError as e:
       raise settings.ConfigError(str(e)) from None
+  _check_inputs(c, spec[1] if kind == 'synthetic' else None)
+  if c.compilation_cache and c.compilation_cache_dir:
+    _check_directory(settings.compilation_cache_path(c), 'compilation_cache_dir',
+                     'pass --config.compilation_cache_dir=DIR with a directory, or '
+                     '--config.compilation_cache=false')
+
+
+def _check_inputs(c, image_shape=None):
+  """The model suits the inputs: augmentation only for the convolutional models, and images
+  of `image_shape` (H, W, C) when known no smaller than the model takes."""
+  _check(c.augment == 'none' or c.model != 'mlp', f'augment={c.augment!r} crops and flips '
+         'images for the convolutional models; the MLP sees the pixels as an unordered '
+         'vector: use --config.model=cnn (or resnet), or --config.augment=none.')
+  if image_shape is None:
+    return
+  low = models.min_image_size(settings.make_model(c))
+  pools = low.bit_length() - 1
+  _check(min(image_shape[:2]) >= low, f'model={c.model} needs images of at least {low}x{low} '
+         f'pixels ({pools} 2x2 max-pool{"s" * (pools > 1)}, each halving them, rounding down), '
+         f'got {image_shape[0]}x{image_shape[1]} ({c.data}): use larger images, or '
+         '--config.model=mlp or resnet.')
+
+
+def _check_directory(path, what, fix):
+  """`path` is, or can be made, a writable directory: it, or the nearest of its parents that
+  exists, is a directory this process may write."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  where = f'{what} {path}' + ('' if existing == os.path.abspath(path) else
+                               f' cannot be created: {existing}')
+  _check(os.path.isdir(existing), f'{where} is a file, not a directory: {fix}.')
+  _check(os.access(existing, os.W_OK | os.X_OK), f'{where} is not writable: {fix}.')
+
+
+def _check_batch_sizes_workdir(path):
+  if not path:
+    return  # claim 8 is then reported as 'not run'
+  _check(os.path.isdir(path), f'batch_sizes_workdir {path!r} does not exist: pass the '
+         '--workdir of a finished experiments/batch_sizes.py run, or leave it empty.')
+  _check(os.path.isfile(os.path.join(path, 'results.jsonl')), f'batch_sizes_workdir {path!r} '
+         'holds no results.jsonl: pass the --workdir of a finished experiments/batch_sizes.py '
+         'run, or leave it empty.')
+
+
+def check_workdir(workdir):
+  """A script's --workdir: not empty (its tables would land in the current directory and its
+  runs nowhere). None, a sweep without a workdir (`sweep.run`), writes nothing and passes."""
+  _check(workdir is None or str(workdir).strip(), '--workdir is empty: pass --workdir=DIR, the '
+         "directory for the script's results (or leave the flag out for its default).")
+
+
+def check_sweep(configs, dataset, num_devices, workdir):
+  """What needs the data and the workdir, checked before a sweep opens its workdir or trains:
+  the workdir, the image size each model needs, the TensorBoard directory, and settings no
+  run of the sweep reads in full (`_check_reach`). `configs` are the sweep's validated runs."""
+  check_workdir(workdir)
+  for c in configs:
+    _check_inputs(c, dataset.image_shape)
+  _check_reach(configs, len(dataset.train_labels), num_devices)
+  board = summaries.root(workdir) if workdir else ''
+  # One that exists; a new one is made in the workdir, which `results.Workdir` checks.
+  if os.path.lexists(board) and any(c.tensorboard for c in configs):
+    _check_directory(board, 'the TensorBoard directory',
+                     'move it away, or pass --config.tensorboard=false')
+
+
+def _check_reach(configs, num_train, num_devices):
+  """Refuses evaluation points and rate decays that no run of the sweep reaches:
+  evals_per_epoch above the steps of the longest epoch, lr_decay_epochs at or past the end of
+  the longest step-schedule run."""
+  if not configs:
+    return
+  plans = [(c, schedule.Schedule(num_train, c.batch_size, c.epochs, c.max_steps,
+                                 num_devices=num_devices)) for c in configs]
+  steps = max(s.steps_per_epoch for _, s in plans)
+  evals = max(c.evals_per_epoch for c in configs)
+  _check(evals <= steps, f'evals_per_epoch={evals} is more than the {steps} steps of an '
+         f'epoch ({num_train} training examples, batch {min(c.batch_size for c in configs)}): '
+         f'at most {steps} validation points fit; pass --config.evals_per_epoch={steps} or '
+         'fewer.')
+  stepped = [(c, s) for c, s in plans if c.lr_schedule == 'step']
+  longest = max((s.total_steps / s.steps_per_epoch for _, s in stepped), default=0)
+  for decay in sorted({e for c, _ in stepped for e in c.lr_decay_epochs}):
+    _check(any(round(decay * s.steps_per_epoch) < s.total_steps for _, s in stepped),
+           f'lr_decay_epochs={tuple(stepped[0][0].lr_decay_epochs)}: the decay at epoch '
+           f'{decay:g} comes at or after the end of training (epoch {longest:g}), so it never '
+           f'happens: list epochs below {longest:g}, or train longer (--config.epochs).')
 
 
 def _check_groups(c):
@@ -183,12 +302,12 @@ def _check_bn_group(c, num_devices):
 
 def check_overrides(config, overridden, grid_keys=()):
   """Refuses command-line settings that this script would ignore: a key its grid sets (e.g.
-  `norm` where the script compares `norms`), or the other model's layer widths."""
+  `norm` where the script compares `norms`), the other model's layer widths, or a setting no
+  run reads (`READ_ONLY_WITH`)."""
   for key in overridden:
     top = key.split('.')[0]
     if top in grid_keys:
-      lists = {'norm': 'norms', 'batch_size': 'batch_sizes', 'learning_rate': 'lrs'}
-      hint = f' (set --config.{lists[top]} instead)' if lists.get(top) in config else ''
+      hint = f' (set --config.{GRID_LISTS[top]} instead)' if GRID_LISTS.get(top) in config else ''
       raise settings.ConfigError(f'--config.{top} is not used by this script: its grid sets '
                                  f'{top} for every run{hint}.')
     own = {'mlp': ('hidden',), 'cnn': ('features',), 'resnet': ('resnet_depth', 'resnet_width')}
@@ -198,3 +317,32 @@ def check_overrides(config, overridden, grid_keys=()):
                                  'MLP has `hidden`, the CNN `features`, the ResNet '
                                  '`resnet_depth` and `resnet_width`): set its own, or '
                                  '--config.model.')
+  _refuse_unread(config, overridden, grid_keys)
+
+
+def _refuse_unread(config, overridden, grid_keys):
+  """A command-line setting of `READ_ONLY_WITH` whose deciding setting takes none of the
+  values it is read with: in the config, or in the script's list where its grid sets the
+  deciding setting (without such a list the grid's values are unknown, and it passes)."""
+  for top in dict.fromkeys(key.split('.')[0] for key in overridden):
+    if top not in READ_ONLY_WITH:
+      continue
+    decider, reads = READ_ONLY_WITH[top]
+    source = GRID_LISTS.get(decider) if decider in grid_keys else decider
+    if not source or source not in config:
+      continue
+    values = tuple(config[source]) if source != decider else (config[decider],)
+    if set(values) & set(reads):
+      continue
+    runs = (f'this script runs {decider}={_either(values, "and")} (--config.{source})'
+            if source != decider else f'this run has {decider}={_either(values)}')
+    fix = (f'list {_either(reads)} in --config.{source}' if source != decider else
+           f'set --config.{decider}={_either(reads[:1])}')
+    raise settings.ConfigError(f'--config.{top} is not used: it applies only with {decider}='
+                               f'{_either(reads)}, and {runs}: drop it, or {fix}.')
+
+
+def _either(values, word='or'):
+  """'a', 'a or b', 'a, b or c' (booleans as the command line spells them)."""
+  words = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
+  return words[0] if len(words) == 1 else f'{", ".join(words[:-1])} {word} {words[-1]}'

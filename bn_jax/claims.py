@@ -1,47 +1,20 @@
-"""Claims made for BN, measured: effects over seeds with 95% intervals, verdicts by a stated
-rule, the BN-specific measurements the claims need (gradient norms per layer, shifted inputs,
+"""Claims made for BN, measured (their verdicts: `bn_jax.verdicts`): the BN-specific
+measurements the claims need (gradient norms per layer, shifted inputs,
 statistics re-estimated by a full pass, accuracy with batch statistics), and `Study`, which
 runs the study's training through the resumable sweep."""
 
 import functools
-import math
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import stats
 
 from bn_jax import precise_bn
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
-
-RULE = ('effect = BN minus no BN (per seed, paired), signed so that the claim predicts > 0; '
-        'supported if its 95% t-interval over seeds lies above 0, not supported if it lies '
-        'below 0, inconclusive if it contains 0')
-
-
-def effect(values, sign=1.0):
-  """Mean and 95% t-interval over seeds of `sign * values` (paired differences)."""
-  d = sign * np.asarray(values, float)
-  d = d[np.isfinite(d)]
-  if len(d) < 2:
-    return (float(d.mean()) if len(d) else math.nan), (math.nan, math.nan)
-  half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-  return float(d.mean()), (float(d.mean() - half), float(d.mean() + half))
-
-
-def verdict(interval):
-  """The rule: 'supported' / 'not supported' / 'inconclusive' from a 95% interval."""
-  low, high = interval
-  if low > 0:
-    return 'supported'
-  if high < 0:
-    return 'not supported'
-  return 'inconclusive'
-
 
 def layer_grad_norms(apply_fn, variables, images, labels):
   """L2 norm of the loss gradient of each Conv / Dense kernel, input layer first (BN in train

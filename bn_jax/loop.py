@@ -89,7 +89,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
         should_stop=None, logger=None, precise_bn_examples=0, optimizer=None, augment='none',
-        loss_scale=False):
+        loss_scale=False, bn_ema_bias_correction=None):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -119,6 +119,9 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   statistics are recomputed from that many training examples in batches of `batch_size`, and
   `final` also holds `precise_val_*` and `precise_test_*` (loss, accuracy) with them (models
   with running statistics only).
+  `bn_ema_bias_correction` = BN's momentum m (None: off): `final` also holds
+  `corrected_val_*` and `corrected_test_*` with the running averages bias-corrected for their
+  initial values (`precise_bn.bias_corrected`, after t steps: mean / (1 - m^t)).
   `should_stop` (e.g. `interrupt.requested`) is asked at every chunk boundary before the last
   step: when it is true, fit saves a checkpoint and raises `interrupt.Interrupted`.
   With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
@@ -235,6 +238,11 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
     stats = _precise_stats(model, runner, data, states, seeds, precise_bn_examples, batch_size)
     precise_states = states.replace(batch_stats=stats)
     precise = {split: evaluate_split(split, precise_states) for split in ('val', 'test')}
+  corrected = {}
+  if bn_ema_bias_correction is not None and jax.tree.leaves(states.batch_stats) and step:
+    corrected_states = states.replace(batch_stats=precise_bn.bias_corrected(
+        states.batch_stats, bn_ema_bias_correction, step))
+    corrected = {split: evaluate_split(split, corrected_states) for split in ('val', 'test')}
   if logger:
     logger.scalars(step, {'test/loss': test['loss'], 'test/accuracy': test['accuracy']})
     logger.close({'final/val_accuracy': [h[-1]['val_accuracy'] for h in history],
@@ -246,9 +254,10 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
     final.update(test_loss=float(test['loss'][s]), test_accuracy=float(test['accuracy'][s]),
                  train_eval_loss=float(train_eval['loss'][s]),
                  train_eval_accuracy=float(train_eval['accuracy'][s]))
-    for split, metrics in precise.items():
-      final.update({f'precise_{split}_loss': float(metrics['loss'][s]),
-                    f'precise_{split}_accuracy': float(metrics['accuracy'][s])})
+    for name, numbers in (('precise', precise), ('corrected', corrected)):
+      for split, metrics in numbers.items():
+        final.update({f'{name}_{split}_loss': float(metrics['loss'][s]),
+                      f'{name}_{split}_accuracy': float(metrics['accuracy'][s])})
     results.append({'seed': seed, 'history': history[s], 'curve': curve[s], 'final': final,
                     'status': 'diverged' if diverged_at[s] else 'ok',
                     'diverged_at': diverged_at[s], 'steps': step,

@@ -145,6 +145,15 @@ class CNN(nn.Module):
 MODELS = {'mlp': MLP, 'cnn': CNN, 'resnet': resnet.ResNet}
 
 
+def min_image_size(model):
+  """The smallest height and width `model` (a module) takes: the CNN's 2x2 max-pools round
+  down, so its `pools` pooled blocks need 2^pools pixels to leave one; the MLP and the ResNet
+  (padded convolutions, strided ones too, then a global average pool) take any size."""
+  if isinstance(model, CNN):
+    return 2 ** min(model.pools, len(model.features))
+  return 1
+
+
 def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
                  bn_axis_name=None, bn_group_size=0, norm_groups=32, renorm_rmax=3.0,
                  renorm_dmax=5.0, renorm_warmup_steps=5000, renorm_rmax_steps=40000,

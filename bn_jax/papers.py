@@ -1,9 +1,11 @@
-"""Reproductions of published BN results (`experiments/papers/`): the verdict rule, the rows
-of a report and `report.md`.
+"""Reproductions of published BN results (`experiments/papers/`): findings with their gates,
+the verdicts of a report (`bn_jax.verdicts`, Holm-corrected across its findings) and
+`report.md`.
 
 Each script measures a paper's finding as one effect per seed, signed so that the paper's
-finding predicts a positive number (e.g. BN's test accuracy minus no BN's), and gives its
-verdict by `RULE` from the 95% t-interval over seeds (`claims.effect`).
+finding predicts a positive number (e.g. BN's test accuracy minus no BN's), or a difference it
+predicts to be small (`margin`), with the gates its test needs (`arm_gates`: every arm trained,
+did not diverge, and evaluated with warmed running averages).
 """
 
 import math
@@ -11,49 +13,56 @@ import os
 
 import numpy as np
 
-from bn_jax import claims
+from bn_jax import health
 from bn_jax import results
+from bn_jax import verdicts
 
-RULE = ("effect signed so that the paper's finding predicts > 0, one value per seed; "
-        'reproduced if its 95% t-interval over seeds lies above 0, not reproduced if it lies '
-        'below 0, inconclusive if it contains 0 (or fewer than 2 seeds give a value)')
-
-
-def verdict(interval):
-  """`RULE`: 'reproduced' / 'not reproduced' / 'inconclusive' from a 95% interval."""
-  low, high = interval
-  if math.isnan(low) or math.isnan(high):
-    return 'inconclusive'
-  return {'supported': 'reproduced', 'not supported': 'not reproduced',
-          'inconclusive': 'inconclusive'}[claims.verdict(interval)]
+WORDS = {'supported': 'reproduced', 'contradicted': 'not reproduced'}
+RULE = (verdicts.RULE + '; "supported" reads reproduced, "contradicted" not reproduced')
+MIN_TRAIN_ACCURACY = 0.5  # an arm below it did not train (chance is 0.1)
 
 
-def finding(name, setting, values, unit, paper='', ours=''):
+def arm_gates(arm, records, statistics='ema', min_accuracy=MIN_TRAIN_ACCURACY):
+  """The gates of one arm's runs: it trained (training accuracy >= `min_accuracy`), no seed
+  diverged, and the running averages its numbers use were warmed (`statistics`: 'ema', or
+  'precise' / 'corrected', which do not depend on the initial values)."""
+  return [health.trained(arm, records, min_accuracy), health.no_divergence(arm, records),
+          health.warmed(arm, records, statistics)]
+
+
+def finding(name, setting, values, unit, paper='', ours='', gates=(), margin=None):
   """One report row: the paper's finding `name`, our `setting`, the per-seed effects `values`
-  (signed as `RULE` says) in `unit`, and optionally the paper's own number beside ours."""
-  mean, interval = claims.effect(values)
-  return {'finding': name, 'setting': setting, 'mean': mean, 'interval': list(interval),
-          'unit': unit, 'seeds': int(sum(1 for v in values if math.isfinite(v))),
-          'verdict': verdict(interval), 'paper': paper, 'ours': ours}
+  in `unit`, its `gates`, an equivalence `margin` (None: a direction finding), and optionally
+  the paper's own number beside ours. Verdicts come with the report (`markdown`)."""
+  return verdicts.finding(name, values, gates=gates, margin=margin, unit=unit,
+                          setting=setting, paper=paper, ours=ours)
 
 
 def _number(x):
   return 'nan' if not math.isfinite(x) else f'{x:.4g}'
 
 
+def _interval(interval):
+  low, high = interval
+  return f'[{_number(low)}, {_number(high)}]'
+
+
 def markdown(title, data, rows, notes=(), plots=(), details=''):
-  """report.md's text: the title, the data, a table of `rows` (from `finding`), the rule,
-  `details` (markdown, e.g. a table of every run), the notes (our settings where they differ
-  from the paper's) and the plots."""
+  """report.md's text: the title, the data, a table of `rows` (from `finding`, decided
+  together), the rule, `details` (markdown, e.g. a table of every run), the notes (our
+  settings where they differ from the paper's) and the plots."""
+  rows = verdicts.decide(rows, WORDS)
   lines = [f'# {title}', '', f'Data: `{data}`.', '',
-           '| finding | our setting | effect (95% interval) | verdict | paper | ours |',
-           '|---|---|---|---|---|---|']
+           '| finding | our setting | effect, 95% interval [adjusted] | gates | verdict | paper '
+           '| ours |', '|---|---|---|---|---|---|---|']
   for r in rows:
-    low, high = r['interval']
+    margin = f", margin ±{r['margin']:g}" if r['margin'] is not None else ''
     lines.append(f"| {r['finding']} | {r['setting']} | {_number(r['mean'])} "
-                 f"[{_number(low)}, {_number(high)}] {r['unit']} ({r['seeds']} seeds) | "
-                 f"**{r['verdict']}** | {r['paper']} | {r['ours']} |")
-  lines += ['', f'Verdict rule: {RULE}.', '']
+                 f"{_interval(r['interval'])} {_interval(r['interval_adjusted'])} {r['unit']} "
+                 f"({r['seeds']} seeds{margin}) | {len(r['gates']) - len(r['failed'])} of "
+                 f"{len(r['gates'])} passed | **{r['verdict']}** | {r['paper']} | {r['ours']} |")
+  lines += ['', f'Verdict rule: {RULE}.', '', 'Gates:']
+  lines += [f"- {r['finding']}: {'; '.join(r['gates'])}." for r in rows] + ['']
   if details:
     lines += [details, '']
   lines += [f'- {n}' for n in notes]

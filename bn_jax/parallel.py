@@ -116,7 +116,11 @@ class DataParallel:
 def initialize_distributed(coordinator_address='', num_processes=0, process_id=-1):
   """`jax.distributed.initialize` from arguments, or from the environment when they are unset
   (JAX's own detection on TPU/SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-  JAX_PROCESS_ID). A no-op for a single process. CPU processes talk through gloo."""
+  JAX_PROCESS_ID). A no-op for a single process, or when already initialized. CPU processes
+  talk through gloo. Call it before any other JAX call (`sweep.load_data` does, first): JAX
+  refuses to join other processes once it has started its backend."""
+  if jax.distributed.is_initialized():
+    return True
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
   count = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', '0'))
   pid = process_id if process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', '-1'))

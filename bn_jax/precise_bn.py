@@ -6,6 +6,9 @@ Each batch of `batch_size` training examples goes through the model in train mod
 batch statistics, as in training) with dropout off; the population mean and variance of every
 BN layer are the plain averages of the per-batch means and variances. With one batch holding
 the whole set they are that set's exact statistics (the full pass of the claims study).
+
+`bias_corrected` is the cheaper control: the moving averages themselves, with the weight of
+their initial values removed as Adam does for its moments.
 """
 
 import functools
@@ -69,3 +72,16 @@ def sample(num_train, num_examples, seed):
   `num_examples` (all of them when `num_examples` >= `num_train`)."""
   order = np.random.default_rng([seed, 2021]).permutation(num_train)
   return order[:num_examples]
+
+
+def bias_corrected(batch_stats, momentum, steps):
+  """BN running averages with their initial values' weight removed (Adam's bias correction).
+
+  After t updates x <- m x + (1 - m) b_i from x_0, x_t = m^t x_0 + (1 - m^t) * (the weighted
+  average of the b_i). The means start at 0: mean / (1 - m^t). The variances start at 1:
+  1 + (var - 1) / (1 - m^t). Other leaves (counters) are kept. `steps` >= 1.
+  """
+  keep = 1.0 - float(momentum) ** int(steps)
+  correct = {'mean': lambda x: x / keep, 'var': lambda x: 1.0 + (x - 1.0) / keep}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: correct[path[-1].key](x) if path[-1].key in correct else x, batch_stats)

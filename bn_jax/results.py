@@ -25,6 +25,8 @@ import flax
 import jax
 import optax
 
+from bn_jax import health
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -98,6 +100,7 @@ def make_record(*, experiment, config, identity, seed_result, code, wall_seconds
       'compile_seconds': r['compile_seconds'],
       'status': r['status'],
       'diverged_at': r['diverged_at'],
+      'warnings': health.warnings(config, r),
       'code': code,
       'versions': versions(),
       'devices': devices,
@@ -137,25 +140,79 @@ def atomic_write(path, data):
 
 
 def append_records(path, records):
-  """Appends records to a JSON-lines file, one whole line per write, flushed (process 0)."""
+  """Appends records to a JSON-lines file as one write, flushed (process 0 only).
+
+  The records of one call (the seeds of one configuration) land together or not at all on a
+  kill, and always on a fresh line: a file that does not end in a newline (a torn write, an
+  edit) gets one first, so a new record never joins a broken one.
+  """
   if not is_writer():
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'a', encoding='utf-8') as f:
-    for record in records:
-      f.write(json.dumps(record, allow_nan=True) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
+  blob = ''.join(json.dumps(record, allow_nan=True) + '\n' for record in records).encode()
+  with open(path, 'a+b') as f:
+    if f.seek(0, os.SEEK_END):
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        blob = b'\n' + blob
+    f.write(blob)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+REJECTED = 'results.rejected.txt'  # where a workdir moves lines of results.jsonl it cannot read
+
+
+def scan_records(path):
+  """Reads a JSON-lines results file -> (records, bad lines as (number, text, reason)).
+
+  A line is a record when it is a JSON object naming its experiment; a last line that lacks
+  its newline still counts when it parses (it was written whole). Blank lines are skipped.
+  """
+  records, bad = [], []
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  for number, raw in enumerate(lines, 1):
+    text = raw.decode('utf-8', errors='replace')
+    if not text.strip():
+      continue
+    try:
+      record = json.loads(text)
+    except ValueError as e:
+      torn = number == len(lines)  # no newline after it
+      bad.append((number, text, 'torn (a write cut short)' if torn else f'not JSON ({e})'))
+      continue
+    if not isinstance(record, dict) or 'experiment' not in record:
+      bad.append((number, text, 'not a result record'))
+      continue
+    records.append(record)
+  return records, bad
 
 
 def read_records(path):
-  """Reads a JSON-lines results file, ignoring a torn last line (a crash mid-write)."""
-  records = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if line.endswith('\n'):
-        records.append(json.loads(line))
+  """The records of a JSON-lines results file; a torn last line (a crash mid-write) is
+  skipped, any other unreadable line is an error naming it."""
+  records, bad = scan_records(path)
+  for number, _, reason in bad:
+    if not reason.startswith('torn'):
+      raise ValueError(f'{path} line {number} is {reason}: run the experiment on this workdir '
+                       f'once (it moves such lines to {REJECTED}), or delete that line.')
   return records
+
+
+def _set_aside(path, bad):
+  """Moves unreadable lines of `path` to REJECTED beside it and re-writes `path` without
+  them (atomically); says so on the console."""
+  rejected = os.path.join(os.path.dirname(path), REJECTED)
+  with open(rejected, 'a', encoding='utf-8') as f:
+    f.write(''.join(text + '\n' for _, text, _ in bad))
+    f.flush()
+    os.fsync(f.fileno())
+  records, _ = scan_records(path)
+  atomic_write(path, ''.join(json.dumps(r, allow_nan=True) + '\n' for r in records))
+  for number, text, reason in bad:
+    print(f'{path} line {number} is {reason} ({len(text)} characters): moved to {rejected}; '
+          'a run it held, if any, trains again.', file=sys.stderr, flush=True)
 
 
 class Workdir:
@@ -185,7 +242,7 @@ class Workdir:
                     'another --workdir (or free some space).') from e
     if is_writer():
       lock(self.path)
-    records = read_records(self.results_path) if os.path.exists(self.results_path) else []
+    records = self._read()
     others = sorted({r.get('experiment') for r in records} - {experiment})
     if others:
       raise ValueError(f'{self.results_path} holds results of experiment {others[0]!r}, not '
@@ -208,11 +265,20 @@ class Workdir:
                        '--config.resume=false --config.overwrite=true to delete its results.')
     self.finished = {(r['run_key'], r['seed']): r for r in records}
 
+  def _read(self):
+    """The records of results.jsonl; process 0 first moves unreadable lines aside."""
+    if not os.path.exists(self.results_path):
+      return []
+    records, bad = scan_records(self.results_path)
+    if bad and is_writer():
+      _set_aside(self.results_path, bad)
+    return records
+
   def supersede(self, records):
     """Moves `records` from results.jsonl to superseded.jsonl (re-written atomically)."""
     gone = {(r['run_key'], r['seed']) for r in records}
     append_records(os.path.join(self.path, 'superseded.jsonl'), records)
-    keep = [r for r in read_records(self.results_path) if (r['run_key'], r['seed']) not in gone]
+    keep = [r for r in scan_records(self.results_path)[0] if (r['run_key'], r['seed']) not in gone]
     atomic_write(self.results_path, ''.join(json.dumps(r, allow_nan=True) + '\n' for r in keep))
     for key in gone:
       self.finished.pop(key, None)
@@ -258,6 +324,24 @@ def lock(workdir):
   f.flush()
   _LOCKS[path] = f
   atexit.register(f.close)  # the OS would release it anyway; this keeps exit quiet
+
+
+def check_lock(workdir):
+  """Raises `WorkdirInUse` if this process's `WORKDIR/.lock` was deleted or replaced since it
+  took it: another process may have taken a new one, and two writers would mix their records
+  and checkpoints. Called before every record is written."""
+  path = os.path.join(workdir, '.lock')
+  held = _LOCKS.get(path)
+  if held is None:
+    return
+  try:
+    same = os.path.samestat(os.stat(path), os.fstat(held.fileno()))
+  except OSError:
+    same = False
+  if not same:
+    raise WorkdirInUse(f'{path} was deleted or replaced while this process (pid {os.getpid()}) '
+                       'held it, so another process may be writing to this workdir: stop '
+                       'every process using it, then rerun (recorded runs are kept).')
 
 
 def state_path(workdir, key, seed):

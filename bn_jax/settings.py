@@ -10,6 +10,7 @@ the seed count re-uses every finished run.
 """
 
 import math
+import os
 
 import jax.numpy as jnp
 import ml_collections
@@ -24,7 +25,12 @@ class ConfigError(ValueError):
 
 
 def base_config():
-  """Settings every experiment shares; scripts start from these and add their own."""
+  """Settings every experiment shares; scripts start from these and add their own.
+
+  Some are read only with others (the renorm_* settings with norm=batch_renorm, momentum with
+  the momentum optimizers, ...: `checks.READ_ONLY_WITH`); one given on the command line that
+  no run of the script reads is an error, never silently ignored.
+  """
   c = ml_collections.ConfigDict()
   c.data = 'tfds:mnist'  # tfds:NAME | idx:DIR | cifar:DIR | synthetic[:N[:HxWxC]]
   c.data_dir = ''  # TFDS data directory ('' = TFDS's default)
@@ -34,7 +40,9 @@ def base_config():
   # Inputs: pixel / 255 in [0, 1] (the original study), or standardized per channel by the
   # training split's mean and std; one value per sweep (the data is loaded once).
   c.standardize = False
-  c.augment = 'none'  # none | crop_flip (pad 4 + random crop + flip, on the device)
+  # none | crop_flip (pad 4 + random crop + flip, on the device; the CNN and the ResNet only:
+  # the MLP, which sees pixels as an unordered vector, is refused it)
+  c.augment = 'none'
   c.model = 'mlp'  # mlp | cnn | resnet
   c.resnet_depth = 20  # 6n+2: the CIFAR ResNet of He et al. 2016 (20, 32, 44, 56, 110)
   c.resnet_width = 16  # channels of the first stage (then 2x, 4x)
@@ -77,18 +85,25 @@ def base_config():
   c.weight_decay_norms_and_biases = False  # ... and, if true, on biases and norm scales/shifts
   c.lr_schedule = 'constant'  # constant | cosine | step | warmup_cosine
   c.warmup_epochs = 0.0  # linear warm-up from 0 (constant, step, warmup_cosine)
-  c.lr_decay_epochs = ()  # step: multiply the rate by lr_decay_factor at these epochs
+  # step: multiply the rate by lr_decay_factor at these epochs (each within the budget of some
+  # run: a decay that no run reaches is an error)
+  c.lr_decay_epochs = ()
   c.lr_decay_factor = 0.1
   c.batch_size = 32
   c.epochs = 5
   c.max_steps = 0  # a budget in steps instead of epochs (0: use epochs)
   c.seeds = 3  # seeds 0 .. seeds-1, trained together in one program
   c.chunk_steps = 0  # train steps per dispatched program; 0 = up to the next evaluation
-  c.evals_per_epoch = 1  # validation points per epoch (the `curve` of each record)
+  # Validation points per epoch (the `curve` of each record); at most the steps of an epoch
+  # (of the longest epoch among a sweep's runs): more is an error, not silently fewer points.
+  c.evals_per_epoch = 1
   c.target_val_accuracy = 0.0  # > 0: tables report steps/examples to reach it
   # > 0: PreciseBN after training, BN statistics recomputed from this many training examples
   # (records gain precise_val_* and precise_test_*)
   c.precise_bn_examples = 0
+  # Also evaluate with the running averages bias-corrected for their initial 0/1 (divided by
+  # 1 - momentum^steps, as Adam does): `final['corrected_val_accuracy']` etc.
+  c.bn_ema_bias_correction = False
   c.eval_batch_size = 1000
   c.progress = True
   c.tensorboard = True  # event files in WORKDIR/tensorboard/<run key>/seed_<s>/
@@ -103,7 +118,9 @@ def base_config():
   # on a single CPU device, else 1. Each run's numbers do not depend on it.
   c.concurrent_runs = 0
   c.compilation_cache = True  # JAX's persistent compilation cache
-  c.compilation_cache_dir = ''  # '' = $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax)
+  # '' = $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax); one set must be a writable directory
+  # (or creatable): anything else is an error before training, not a cache silently off
+  c.compilation_cache_dir = ''
   # Checkpoints and resuming: the same command with the same workdir resumes a sweep, skipping
   # finished runs; resume=false starts afresh (refusing to delete results unless overwrite).
   c.resume = True
@@ -127,11 +144,13 @@ RENORM_KEYS = ('renorm_rmax', 'renorm_dmax', 'renorm_warmup_steps', 'renorm_rmax
                'renorm_dmax_steps')
 
 
-def identity(config, num_devices=1):
+def identity(config, num_devices=1, data_content=None):
   """The settings that change a run's numbers (all its seeds): the run identity.
 
   Only the settings that matter for this run enter: the MLP's `hidden` or the CNN's
   `features`; BN's settings only with BN; `epochs` only without a `max_steps` budget.
+  `data_content` (`Dataset.fingerprint`, as a sweep passes it) names the data itself, so files
+  replaced under the same `data` spec make other runs.
   """
   c = config
   run = {'data': c.data, 'val_fraction': c.val_fraction, 'split_seed': c.split_seed,
@@ -140,6 +159,8 @@ def identity(config, num_devices=1):
          'optimizer': c.optimizer, 'learning_rate': c.learning_rate, 'batch_size': c.batch_size,
          'lr_schedule': c.lr_schedule, 'weight_decay': c.weight_decay,
          'evals_per_epoch': c.evals_per_epoch, 'num_devices': num_devices}
+  if data_content:
+    run['data_content'] = data_content
   if c.standardize:  # non-default values only: existing run keys stay as they were
     run['standardize'] = True
   if c.augment != 'none':
@@ -163,6 +184,8 @@ def identity(config, num_devices=1):
       run['bn_group_size'] = c.bn_group_size
     if c.precise_bn_examples:
       run['precise_bn_examples'] = c.precise_bn_examples
+    if c.bn_ema_bias_correction:
+      run['bn_ema_bias_correction'] = True
   if c.norm == 'group':
     run['norm_groups'] = c.norm_groups
   if c.norm == 'batch_renorm':
@@ -223,12 +246,21 @@ def fit_args(config):
               max_steps=c.max_steps, chunk_steps=c.chunk_steps,
               evals_per_epoch=c.evals_per_epoch, eval_batch_size=c.eval_batch_size,
               progress=c.progress, precise_bn_examples=c.precise_bn_examples,
-              augment=c.augment, loss_scale=loss_scale(c))
+              augment=c.augment, loss_scale=loss_scale(c),
+              bn_ema_bias_correction=(c.bn_momentum if c.bn_ema_bias_correction and
+                                      c.norm in RUNNING_STATS else None))
 
 
 def loss_scale(config):
   """Whether the run trains with dynamic loss scaling: float16 compute."""
   return bool(config.half_precision and config.half_precision_dtype == 'float16')
+
+
+def compilation_cache_path(config):
+  """The directory of JAX's persistent compilation cache: `compilation_cache_dir`, or by
+  default $XDG_CACHE_HOME/bn_jax/jax (~/.cache/bn_jax/jax)."""
+  return config.compilation_cache_dir or os.path.join(
+      os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'bn_jax', 'jax')
 
 
 def resolve(config, **overrides):

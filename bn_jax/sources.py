@@ -99,15 +99,20 @@ def load_idx(directory):
 # --- CIFAR-10 (the python version) -------------------------------------------------------
 
 class _ArrayUnpickler(pickle.Unpickler):
-  """Unpickles plain containers and numpy arrays only: a pickle can run any code it names,
-  and a data file has no business naming any other."""
-  ALLOWED = {'_reconstruct', '_frombuffer', 'ndarray', 'dtype', 'scalar'}
+  """Unpickles plain containers and numpy arrays only: a pickle can call any global it names,
+  so exactly the globals a pickled numpy array needs may load (under numpy 1 and 2 names)."""
+  ALLOWED = frozenset({
+      ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode'),
+      *((f'{core}.multiarray', name) for core in ('numpy.core', 'numpy._core')
+        for name in ('_reconstruct', 'scalar')),
+      *((f'{core}.numeric', '_frombuffer') for core in ('numpy.core', 'numpy._core')),
+  })
 
   def find_class(self, module, name):
-    if ((module == 'numpy' or module.startswith('numpy.')) and name in self.ALLOWED or
-        (module, name) == ('_codecs', 'encode')):
+    if (module, name) in self.ALLOWED:
       return super().find_class(module, name)
-    raise pickle.UnpicklingError(f'it names {module}.{name}, which is not a numpy array part')
+    raise pickle.UnpicklingError(f'it names {module}.{name}, which is not part of a numpy '
+                                 'array (refused: a pickle can run what it names)')
 
 
 def read_cifar_batch(path):

@@ -16,13 +16,18 @@ import numpy as np
 from bn_jax import results
 
 
+def root(workdir):
+  """The directory of a workdir's event files: `WORKDIR/tensorboard`."""
+  return os.path.join(os.path.abspath(workdir), 'tensorboard')
+
+
 class RunSummaries:
   """The event files of one configuration's seeds; the `logger` of `loop.fit`."""
 
   def __init__(self, workdir, key, seeds, hparams):
     name = (f"{hparams['model']}_{hparams['norm']}_bs{hparams['batch_size']}_"
             f"lr{hparams['learning_rate']:g}_{key}")
-    self.directory = os.path.join(os.path.abspath(workdir), 'tensorboard', name)
+    self.directory = os.path.join(root(workdir), name)
     self.seeds, self.writers = list(seeds), None
     # TensorBoard's hparams take numbers, strings and booleans: lists become strings.
     self.hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)

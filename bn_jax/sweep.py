@@ -5,12 +5,15 @@ A configuration is keyed by its identity (`settings.identity`), so growing a gri
 trains just the new pairs, the missing seeds of a configuration stacked in one program.
 Finished runs made by other code are handled by `config.on_code_change` (refuse, retrain or
 reuse). Unfinished ones checkpoint to `checkpoints/<run key>-<tag>/` (the tag names the code
-and the seeds being trained) and resume from there.
+and the seeds being trained) and resume from there. A configuration whose seeds were partly
+recorded when the process died resumes its checkpoint with all the seeds it was training (their
+numbers depend on training together) and records the missing ones.
 """
 
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -31,11 +34,11 @@ from bn_jax import train
 
 
 def enable_compilation_cache(config):
-  """Turns on JAX's persistent compilation cache (every program, however quick); its path."""
+  """Turns on JAX's persistent compilation cache (every program, however quick); its path
+  (`settings.compilation_cache_path`; `checks.validate` checks a set one is a directory)."""
   if not config.compilation_cache:
     return None
-  path = config.compilation_cache_dir or os.path.join(
-      os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'bn_jax', 'jax')
+  path = settings.compilation_cache_path(config)
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -43,8 +46,10 @@ def enable_compilation_cache(config):
 
 
 def load_data(config):
-  """Everything a script does before its sweep: settings checked, compilation cache on, data
-  loaded."""
+  """Everything a script does before its sweep: other hosts joined (if configured; before any
+  JAX call, which JAX requires), settings checked, compilation cache on, data loaded."""
+  parallel.initialize_distributed(config.coordinator_address, config.num_processes,
+                                  config.process_id)
   checks.validate(config)
   enable_compilation_cache(config)
   dataset = data.load(config.data, val_fraction=config.val_fraction,
@@ -56,7 +61,8 @@ def load_data(config):
 
 
 def make_runner(config):
-  """One device, or data-parallel over `config.devices` (joining other hosts if configured)."""
+  """One device, or data-parallel over `config.devices` (joining other hosts if configured and
+  `load_data` has not)."""
   parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                   config.process_id)
   if (config.devices or jax.device_count()) == 1 and jax.process_count() == 1:
@@ -91,18 +97,21 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
           f'standardize={c.standardize}, but the dataset was loaded with standardize='
           f'{dataset.standardize}: it is a data setting, one per sweep; set '
           '--config.standardize (sweep.load_data loads the data with it), not a grid entry.')
+  checks.check_sweep(configs, dataset, runner.num_devices, workdir)
   code = results.code_version(script)
   work = (results.Workdir(workdir, experiment, resume=config.resume, overwrite=config.overwrite)
           if workdir else None)
   runs = {}  # run key -> [config, identity, seeds]: a grid may name one configuration twice
   for c in configs:
-    identity = settings.identity(c, runner.num_devices)
+    identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
     runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(range(c.seeds))
   finished = _reusable(work, runs, code, config.on_code_change, save_states)
-  todo = [(key, c, identity, sorted(s for s in seeds if (key, s) not in finished))
-          for key, (c, identity, seeds) in runs.items()]
-  todo = [t for t in todo if t[3]]
-  total, missing = sum(len(r[2]) for r in runs.values()), sum(len(t[3]) for t in todo)
+  todo = []  # (key, config, identity, seeds to train, seeds to record)
+  for key, (c, identity, seeds) in runs.items():
+    new = sorted(s for s in seeds if (key, s) not in finished)
+    if new:
+      todo.append((key, c, identity, _seeds_to_train(work, key, code, new), new))
+  total, missing = sum(len(r[2]) for r in runs.values()), sum(len(t[4]) for t in todo)
   if work and results.is_writer():
     print(f'{workdir}: {total - missing} of {total} runs finished before; training {missing} '
           f'runs in {len(todo)} configurations.', flush=True)
@@ -124,8 +133,9 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
 
   lock, stop = threading.Lock(), threading.Event()
 
-  def train_one(key, c, identity, seeds, programs):
-    """Trains and records one configuration (all its missing seeds); on a worker thread."""
+  def train_one(key, c, identity, seeds, new, programs):
+    """Trains one configuration's `seeds` together and records those in `new` (all of them
+    unless a checkpoint resumes seeds recorded before); on a worker thread."""
     if stop.is_set() or interrupt.requested():  # nothing of this one started yet
       stop.set()
       raise interrupt.Interrupted(None, interrupt.signum())
@@ -145,11 +155,14 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
       raise
     records = [results.make_record(experiment=experiment, config=c, identity=identity,
                                    seed_result=r, code=code, wall_seconds=wall,
-                                   devices=devices) for r in seed_results]
+                                   devices=devices) for r in seed_results if r['seed'] in new]
     with lock:
       if work:
+        results.check_lock(work.path)
         if save_states:  # before the records: a recorded run always has its state
           for i, seed in enumerate(seeds):
+            if seed not in new:
+              continue
             work.save_state(key, seed, {'params': jax.tree.map(lambda x: x[i], states.params),
                                         'batch_stats': jax.tree.map(lambda x: x[i],
                                                                     states.batch_stats)})
@@ -158,14 +171,15 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
           checkpointer.delete()
           with contextlib.suppress(OSError):  # checkpoints/ too, when no run's are left
             os.rmdir(os.path.dirname(checkpointer.directory))
-      new.update({(key, r['seed']): r for r in records})
+      recorded.update({(key, r['seed']): r for r in records})
+      _say_warnings(c, records)
 
-  new = {}
+  recorded = {}
   # Programs compile ahead on `compile_threads`; `devices['concurrent_runs']` configurations
   # train at once, each on its own thread (a run's numbers do not depend on the others).
   with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool, \
        concurrent.futures.ThreadPoolExecutor(devices['concurrent_runs']) as workers:
-    compiled = [pool.submit(compile_one, c, seeds) for _, c, _, seeds in todo]
+    compiled = [pool.submit(compile_one, c, seeds) for _, c, _, seeds, _ in todo]
     running = [workers.submit(train_one, *t, programs) for t, programs in zip(todo, compiled)]
     concurrent.futures.wait(running)
     if stop.is_set():
@@ -173,12 +187,24 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     errors = [f.exception() for f in running if f.exception()]
     if errors:  # a real error before an interruption
       raise next((e for e in errors if not isinstance(e, interrupt.Interrupted)), errors[0])
-  every = {**finished, **new}
+  every = {**finished, **recorded}
   out = []
   for c in configs:
-    key = results.run_key(settings.identity(c, runner.num_devices))
+    key = results.run_key(settings.identity(c, runner.num_devices, dataset.fingerprint))
     out += [every[key, s] for s in range(c.seeds)]
   return out
+
+
+def _say_warnings(c, records):
+  """The warnings of a configuration's runs, once on the console (process 0)."""
+  said = {}
+  for r in records:
+    for warning in r['warnings']:
+      said.setdefault(warning, []).append(r['seed'])
+  for warning, seeds in said.items():
+    if results.is_writer():
+      print(f'warning: {c.model}/{c.norm} bs={c.batch_size} seeds {seeds}: {warning}',
+            flush=True)
 
 
 def concurrent_runs(config, runner, num_configs):
@@ -231,17 +257,43 @@ def _reusable(work, runs, code, on_code_change, save_states):
   return wanted
 
 
+def _checkpoint_name(key, code, seeds):
+  """`<run key>-<tag>`, the tag a hash of the code and the seeds trained together."""
+  tag = hashlib.sha1(f'{code["sources"]} {list(seeds)}'.encode()).hexdigest()[:8]
+  return f'{key}-{tag}'
+
+
+RUN_FILE = 'seeds.json'  # in a run's checkpoint directory: the seeds it trains together
+
+
+def _seeds_to_train(work, key, code, new):
+  """The seeds to train for the unrecorded seeds `new`: those of a checkpoint of this code
+  that holds them all (a kill after some of its seeds were recorded), else `new` itself."""
+  parent = os.path.join(work.path, 'checkpoints') if work else ''
+  for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+    try:
+      with open(os.path.join(parent, name, RUN_FILE), encoding='utf-8') as f:
+        seeds = json.load(f)['seeds']
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    if name == _checkpoint_name(key, code, seeds) and set(new) <= set(seeds):
+      return seeds
+  return new
+
+
 def _checkpointer(work, key, code, seeds, c):
   """The run's checkpoints: `checkpoints/<key>-<tag>`, the tag naming the code and seeds, so a
   checkpoint of other code or other seeds is never resumed (it is deleted instead)."""
-  tag = hashlib.sha1(f'{code["sources"]} {seeds}'.encode()).hexdigest()[:8]
-  name = f'{key}-{tag}'
+  name = _checkpoint_name(key, code, seeds)
   parent = os.path.dirname(work.checkpoint_dir(name))
   if os.path.isdir(parent) and results.is_writer():
     for other in os.listdir(parent):
       if other.startswith(key + '-') and other != name:
         print(f'discarding checkpoints/{other}: another code version or seed set of this run')
         shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
-  return checkpoint.Checkpointer(work.checkpoint_dir(name), keep=c.checkpoint_keep,
-                                 every_steps=c.checkpoint_every_steps,
-                                 min_seconds=c.checkpoint_min_seconds)
+  checkpointer = checkpoint.Checkpointer(work.checkpoint_dir(name), keep=c.checkpoint_keep,
+                                         every_steps=c.checkpoint_every_steps,
+                                         min_seconds=c.checkpoint_min_seconds)
+  results.atomic_write(os.path.join(checkpointer.directory, RUN_FILE), json.dumps(
+      {'seeds': list(seeds)}))
+  return checkpointer

@@ -6,7 +6,8 @@ r"""The claims made for Batch Normalization, each put to an experiment, with a v
 
 `--config.claims=lr,init` runs a subset. Each claim compares BN with no BN over `seeds` seeds
 (paired by seed) and reduces the comparison to one effect, signed so that the claim predicts a
-positive number; the verdict comes from its 95% interval by the rule in `bn_jax.claims.RULE`.
+positive number, with the gates its test needs; the verdicts of all the claims run come together
+by the rule in `bn_jax.verdicts.RULE` (Holm-corrected across them).
 Writes claims.md (the table) and claims/<claim>.png to the workdir.
 """
 
@@ -16,8 +17,10 @@ import time
 import jax
 import numpy as np
 
+from bn_jax import checks
 from bn_jax import claims
 from bn_jax import cli
+from bn_jax import health
 from bn_jax import ics
 from bn_jax import loop
 from bn_jax import report
@@ -26,6 +29,7 @@ from bn_jax import settings
 from bn_jax import sweep
 from bn_jax import timing
 from bn_jax import train
+from bn_jax import verdicts
 
 CLAIMS = ('lr', 'convergence', 'init', 'depth', 'regularization', 'shift', 'overhead',
           'batch_size', 'inference', 'ics')
@@ -48,7 +52,9 @@ def get_config():
   config.shift_a = (0.5, 1.0, 1.5)  # contrast
   config.shift_b = (-0.2, 0.0, 0.2)  # brightness
   config.momenta = (0.9, 0.99, 0.999)
-  config.batch_sizes_workdir = ''  # results of experiments/batch_sizes.py, for claim 8
+  # The workdir of a finished experiments/batch_sizes.py run, read for claim 8 (a directory
+  # without its results.jsonl is an error); '' reports that claim as 'not run'.
+  config.batch_sizes_workdir = ''
   return config
 
 
@@ -61,10 +67,17 @@ def quick(config):
                 shift_b=(0.0, 0.2), momenta=(0.9, 0.99), progress=False)
 
 
-def row(claim, experiment_text, values, unit, details=''):
-  mean, interval = claims.effect(values)
-  return {'claim': claim, 'experiment': experiment_text, 'mean': mean, 'interval': interval,
-          'unit': unit, 'verdict': claims.verdict(interval), 'details': details}
+def row(claim, experiment_text, values, unit, details='', gates=()):
+  """One claim's finding (`verdicts.finding`): its effect per seed and its gates."""
+  return verdicts.finding(claim, values, gates=gates, unit=unit, experiment=experiment_text,
+                          details=details)
+
+
+def warm(runs, statistics='ema'):
+  """Gates of trained networks compared in eval mode: BN's running averages warmed, and
+  neither arm diverged (`runs`: norm -> records)."""
+  return [health.warmed('BN', runs['batch'], statistics)] + [
+      health.no_divergence(n, runs[n]) for n in NORMS]
 
 
 def claim_lr(study, c, out):
@@ -100,7 +113,8 @@ def claim_lr(study, c, out):
           'decades', f'mean val acc BN vs none: {rates}'),
       row(f'BN converges faster (lr {default:g})', f'steps to val acc {c.target_val_accuracy}',
           steps['none', default] - steps['batch', default], 'steps',
-          f'BN {steps["batch", default].mean():.0f}, none {steps["none", default].mean():.0f}'),
+          f'BN {steps["batch", default].mean():.0f}, none {steps["none", default].mean():.0f}',
+          gates=warm({n: runs[n, default] for n in NORMS})),
       row('BN converges faster (best lr each)', f'steps to val acc {c.target_val_accuracy}',
           steps_best['none'] - steps_best['batch'], 'steps',
           f'best rates BN {sorted({float(r) for r in best["batch"]})}, none '
@@ -187,7 +201,8 @@ def claim_regularization(study, c, out):
   return [row('BN regularizes (dropout 0)', 'train-val accuracy gap, both in eval mode',
               gap['none', 0.0] - gap['batch', 0.0], 'accuracy',
               'test acc: ' + ', '.join(f'{n}/dropout {d}: {np.nanmean(test[n, d]):.3f}'
-                                       for n, d in keys))]
+                                       for n, d in keys),
+              gates=warm({n: runs[n, 0.0] for n in NORMS}))]
 
 
 def claim_shift(study, c, out):
@@ -220,11 +235,13 @@ def claim_shift(study, c, out):
       row('BN makes the net robust to input shifts', f'mean test-accuracy drop under x*a+b, '
           f'a in {tuple(c.shift_a)}, b in {tuple(c.shift_b)} (no BN minus BN with running '
           'averages)', drops['none'] - drops['running'], 'accuracy',
-          f'drop: none {drops["none"].mean():.3f}, BN {drops["running"].mean():.3f}'),
+          f'drop: none {drops["none"].mean():.3f}, BN {drops["running"].mean():.3f}',
+          gates=warm(runs)),
       row('Re-estimating BN statistics on shifted data is a remedy', 'same drop, BN with '
           'running averages minus BN with statistics re-estimated on the shifted test set '
           '(uses test inputs, not labels)', drops['running'] - drops['re-estimated'],
-          'accuracy', f'drop re-estimated {drops["re-estimated"].mean():.3f}'),
+          'accuracy', f'drop re-estimated {drops["re-estimated"].mean():.3f}',
+          gates=warm(runs)),
   ]
 
 
@@ -253,7 +270,8 @@ def claim_ics(study, c, out, examples=256):
   return [row('BN reduces internal covariate shift', 'cosine of each layer\'s gradient before '
               'and after the layers before it step (Santurkar et al. 2018), final weights',
               cosine['batch'] - cosine['none'], 'cosine',
-              f'BN {cosine["batch"].mean():.4f}, none {cosine["none"].mean():.4f}')]
+              f'BN {cosine["batch"].mean():.4f}, none {cosine["none"].mean():.4f}',
+              gates=[health.no_divergence(n, runs[n]) for n in NORMS])]
 
 
 def claim_overhead(study, c, out, repeats=5, steps=200):
@@ -284,9 +302,8 @@ def claim_batch_size(study, c, out):
   del study, out
   path = os.path.join(c.batch_sizes_workdir, 'results.jsonl')
   if not c.batch_sizes_workdir or not os.path.exists(path):
-    return [{'claim': 'BN depends on batch size', 'experiment': 'experiments/batch_sizes.py '
-             '(pass --config.batch_sizes_workdir)', 'mean': np.nan, 'interval': (np.nan,) * 2,
-             'unit': '', 'verdict': 'not run', 'details': ''}]
+    return [{**row('BN suffers at small batch sizes', 'experiments/batch_sizes.py (pass '
+                   '--config.batch_sizes_workdir)', [], ''), 'not_run': True}]
   records = [r for r in results.read_records(path) if r['status'] == 'ok']
   sizes = sorted({r['batch_size'] for r in records})
   acc = {(r['norm'], r['batch_size'], r['seed']): r['final']['test_accuracy'] for r in records}
@@ -348,15 +365,24 @@ RUNNERS = {'lr': claim_lr, 'init': claim_init, 'depth': claim_depth,
 
 
 def markdown(rows, config, seconds):
+  """claims.md: the claims' findings decided together (`verdicts.decide`), their gates and the
+  rule."""
+  tested = verdicts.decide([r for r in rows if not r.get('not_run')])
+  decided = iter(tested)
+  rows = [{**r, 'verdict': 'not run'} if r.get('not_run') else next(decided) for r in rows]
+  number = lambda x: 'nan' if not np.isfinite(x) else f'{x:.4g}'
+  span = lambda i: f'[{number(i[0])}, {number(i[1])}]'
   lines = [f'# Claims for BN: {config.model} on {config.data}, {config.seeds} seeds, '
            f'{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}',
-           '', f'Verdict rule: {claims.RULE}.', '',
-           '| claim | experiment | effect (mean [95% CI]) | verdict | details |',
-           '|---|---|---|---|---|']
+           '', f'Verdict rule: {verdicts.RULE}.', '',
+           '| claim | experiment | effect, 95% interval [adjusted] | gates | verdict | details |',
+           '|---|---|---|---|---|---|']
   for r in rows:
-    low, high = r['interval']
-    lines.append(f'| {r["claim"]} | {r["experiment"]} | {r["mean"]:.4g} [{low:.4g}, '
-                 f'{high:.4g}] {r["unit"]} | {r["verdict"]} | {r["details"]} |')
+    gates = f"{len(r['gates']) - len(r['failed'])} of {len(r['gates'])} passed"
+    lines.append(f'| {r["finding"]} | {r["experiment"]} | {number(r["mean"])} '
+                 f'{span(r["interval"])} {span(r.get("interval_adjusted", (np.nan,) * 2))} '
+                 f'{r["unit"]} | {gates} | {r["verdict"]} | {r["details"]} |')
+  lines += ['', 'Gates:'] + [f"- {r['finding']}: {'; '.join(r['gates'])}." for r in rows]
   shape = ({'mlp': f'The MLP has hidden layers {tuple(config.hidden)}: one layer is a weak '
             'test of claims about depth and optimization, which is why claim 4 uses deeper '
             'MLPs.', 'cnn': f'The CNN has 3x3 conv blocks of {tuple(config.features)} channels; '
@@ -368,6 +394,7 @@ def markdown(rows, config, seconds):
 
 
 def main(config, workdir):
+  checks.check_workdir(workdir)  # claims 7 and 8 write without a sweep
   selected = [name.strip() for name in config.claims.split(',') if name.strip()]
   unknown = set(selected) - set(CLAIMS)
   if unknown or not selected:
@@ -381,11 +408,13 @@ def main(config, workdir):
   for name in dict.fromkeys('lr' if n == 'convergence' else n for n in selected):
     new = RUNNERS[name](study, config, out)  # 'lr' also measures claim 2, convergence
     rows += new
-    print(f'{name}: ' + '; '.join(r['verdict'] for r in new), flush=True)
+    print(f'{name}: ' + '; '.join(f"{r['finding']}: {r['mean']:.4g} {r['unit']}" for r in new),
+          flush=True)  # verdicts come once every claim is in (one family)
     text = markdown(rows, config, time.perf_counter() - t0)  # rewritten after every claim
     results.atomic_write(os.path.join(workdir, 'claims.md'), text)
   print(text)
 
 
 if __name__ == '__main__':
-  cli.run(main, get_config, presets={'quick': quick}, workdir='runs/claims')
+  cli.run(main, get_config, presets={'quick': quick}, grid_keys=('norm',),  # BN vs none
+          workdir='runs/claims')

@@ -106,6 +106,20 @@ def test_cnn_depth_pools_and_init_scale():
   np.testing.assert_array_equal(big['Dense_1']['kernel'], params['Dense_1']['kernel'])
 
 
+@pytest.mark.parametrize('name, layers, size', [
+    ('cnn', dict(features=(4, 4)), 4), ('cnn', dict(features=(4,)), 2),
+    ('cnn', dict(features=(4, 4, 4)), 4), ('cnn', dict(features=(4,), pools=0), 1),
+    ('resnet', dict(width=4), 1), ('mlp', dict(hidden=(4,)), 1),
+])
+def test_min_image_size_is_the_smallest_image_the_model_takes(name, layers, size):
+  model = models.create_model(name, norm='batch', **layers)
+  assert models.min_image_size(model) == size
+  model.init(jax.random.key(0), jnp.zeros((2, size, size, 1)), train=False)
+  if size > 1:  # one pixel less: a max-pool leaves no pixel, the Dense layer no inputs
+    with pytest.raises(ZeroDivisionError):
+      model.init(jax.random.key(0), jnp.zeros((2, size - 1, size - 1, 1)), train=False)
+
+
 def test_bad_names_are_clear_errors():
   with pytest.raises(ValueError, match="unknown model 'vgg'"):
     models.create_model('vgg')

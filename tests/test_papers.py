@@ -12,28 +12,32 @@ import pytest
 
 from _limits import HANG_SECONDS
 
+from bn_jax import health
 from bn_jax import models
 from bn_jax import papers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user runs
-VERDICTS = ('**reproduced**', '**not reproduced**', '**inconclusive**')
+VERDICTS = ('**reproduced**', '**not reproduced**', '**inconclusive**', '**invalid setup')
 
 
 def test_verdict_rule_on_hand_made_effects():
   # mean 2, sample variance 2/3, n = 4: half-width t(0.975, 3) sqrt(2/3) / 2 = 3.1824 *
   # 0.8165 / 2 = 1.2992
   above = papers.finding('f', 's', [1.0, 2.0, 3.0, 2.0], 'u')
-  assert above['verdict'] == 'reproduced'
   np.testing.assert_allclose(above['interval'], [2 - 1.2992, 2 + 1.2992], atol=1e-3)
   below = papers.finding('f', 's', [-1.0, -2.0, -3.0, -2.0], 'u')
-  assert below['verdict'] == 'not reproduced'
   across = papers.finding('f', 's', [1.0, -1.0, 2.0, -2.0], 'u')
-  assert across['verdict'] == 'inconclusive'
   one = papers.finding('f', 's', [5.0, np.nan], 'u')  # a diverged seed gives no value
-  assert one['verdict'] == 'inconclusive' and one['seeds'] == 1
-  text = papers.markdown('T', 'idx:x', [above, across], ['a note'], ['p.png'], '| x |')
-  assert '**reproduced**' in text and '**inconclusive**' in text and papers.RULE in text
+  cold = papers.finding('g', 's', [1.0, 2.0, 3.0, 2.0], 'u', gates=[
+      health.at_most('BN running averages warmed (momentum^steps)', 0.34, 0.01)])
+  text = papers.markdown('T', 'idx:x', [above, below, across, one, cold], ['a note'],
+                         ['p.png'], '| x |')
+  verdicts = [line.split('**')[1] for line in text.splitlines() if line.count('**') == 2]
+  assert verdicts == ['reproduced', 'not reproduced', 'inconclusive',
+                      'invalid setup (seeds with a value: 1 < 2)',
+                      'invalid setup (BN running averages warmed (momentum^steps): 0.34 > 0.01)']
+  assert papers.RULE in text and 'Holm' in text
   assert '- a note' in text and '![p](p.png)' in text and '| x |' in text
 
 

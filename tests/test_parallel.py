@@ -1,7 +1,9 @@
 """Data parallelism on 8 simulated CPU devices (see conftest) and on 2 processes."""
 
 import contextlib
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +22,9 @@ from bn_jax import parallel
 from bn_jax import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# A user's environment: one CPU device per process (the workers set their own device count).
+ONE_DEVICE_ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
 
 
 @pytest.fixture(scope='module')
@@ -174,18 +179,16 @@ def _reserved_port():
     yield s.getsockname()[1]
 
 
-def _launch(nproc, ndev, out):
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
-  env.pop('XLA_FLAGS', None)
+def _run_together(commands, envs, logs):
+  """Starts every command at once (command i with envs[i], output to logs[i]), waits for all;
+  their exit codes."""
   # Each worker writes to its own log file, not a pipe: a pipe nobody reads while we wait for
   # another worker would block a chatty worker, and the collectives the others wait in.
-  logs = [out.parent / f'{out.stem}_{i}.log' for i in range(nproc)]
-  with _reserved_port() as port, contextlib.ExitStack() as files:
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, '_multihost_worker.py'),
-                               str(i), str(nproc), str(ndev), str(port), str(out)], env=env,
+  with contextlib.ExitStack() as files:
+    procs = [subprocess.Popen(command, env={**env, 'PYTHONUNBUFFERED': '1'},
                               stdout=files.enter_context(open(log, 'w')),
                               stderr=subprocess.STDOUT)
-             for i, log in enumerate(logs)]
+             for command, env, log in zip(commands, envs, logs)]
     try:
       for p in procs:
         p.wait(timeout=HANG_SECONDS)
@@ -194,8 +197,17 @@ def _launch(nproc, ndev, out):
         if p.poll() is None:
           p.kill()
           p.wait()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log.read_text()[-3000:]
+  return [p.returncode for p in procs]
+
+
+def _launch(nproc, ndev, out):
+  logs = [out.parent / f'{out.stem}_{i}.log' for i in range(nproc)]
+  with _reserved_port() as port:
+    codes = _run_together(
+        [[sys.executable, os.path.join(HERE, '_multihost_worker.py'), str(i), str(nproc),
+          str(ndev), str(port), str(out)] for i in range(nproc)], [ONE_DEVICE_ENV] * nproc, logs)
+  for code, log in zip(codes, logs):
+    assert code == 0, log.read_text()[-3000:]
   return dict(np.load(out))
 
 
@@ -206,3 +218,63 @@ def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
   assert set(single) == set(multi)
   for key in single:
     np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# The multi-host test's experiment: tiny, and nothing written outside its workdirs.
+SCRIPT = os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py')
+TINY = ('--config.data=synthetic:400', '--config.epochs=1', '--config.seeds=2',
+        '--config.progress=false', '--config.tensorboard=false',
+        '--config.compilation_cache=false')
+
+
+def _readme_multihost_flags(address, num_processes, process_id):
+  """The flags README.md tells every host to add, its placeholders filled in."""
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = ' '.join(f.read().split())  # its paragraphs wrap lines anywhere
+  match = re.search(r'Several hosts: start the same command on every host with `([^`]+)`',
+                    readme)
+  assert match, 'README.md no longer documents the multi-host launch ("Several hosts: ...").'
+  values = {'HOST0:PORT': address, 'P': str(num_processes), 'I': str(process_id)}
+  flags = [flag.split('=', 1) for flag in match.group(1).split()]
+  assert [name for name, _ in flags] == ['--config.coordinator_address',
+                                         '--config.num_processes', '--config.process_id']
+  return [f'{name}={values[placeholder]}' for name, placeholder in flags]
+
+
+def _records(workdir):
+  records = [json.loads(line) for line in open(workdir / 'results.jsonl')]
+  return sorted(records, key=lambda r: (r['run_key'], r['seed']))  # file order: finish order
+
+
+def _measurements(record):
+  """A record's numbers: final metrics, per-epoch history and curve, without timings."""
+  history = [{k: v for k, v in h.items() if k != 'seconds'} for h in record['history']]
+  return {'final': record['final'], 'history': history, 'curve': record['curve']}
+
+
+@pytest.mark.slow
+def test_readme_multihost_command_runs_as_written(tmp_path):
+  """README.md's launch of several hosts, exactly as written, on 2 processes over loopback
+  (one CPU device each): both exit 0, process 0 alone records and prints, and its records hold
+  the numbers of 1 process on 2 devices (which runs at the same time)."""
+  two_devices = {**ONE_DEVICE_ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  logs = [tmp_path / f'{name}.log' for name in ('process0', 'process1', 'single')]
+  with _reserved_port() as port:
+    hosts = [[sys.executable, SCRIPT, *TINY, f'--workdir={tmp_path / "multi"}',
+              *_readme_multihost_flags(f'127.0.0.1:{port}', 2, i)] for i in range(2)]
+    single = [sys.executable, SCRIPT, *TINY, f'--workdir={tmp_path / "single"}']
+    codes = _run_together(hosts + [single], [ONE_DEVICE_ENV, ONE_DEVICE_ENV, two_devices],
+                          logs)
+  for code, log in zip(codes, logs):
+    assert code == 0, log.read_text()[-3000:]
+  printed = [log.read_text() for log in logs]
+  assert '| mlp | batch | 2 |' in printed[0] and '| mlp | none | 2 |' in printed[0], printed[0]
+  assert '| model |' not in printed[1] and 'wrote ' not in printed[1], printed[1]
+  multi, one = _records(tmp_path / 'multi'), _records(tmp_path / 'single')
+  assert len(multi) == len(one) == 2 * 2  # BN and no BN, 2 seeds each
+  for m, o in zip(multi, one):
+    assert m['devices']['processes'] == 2 and o['devices']['processes'] == 1
+    assert m['devices']['count'] == o['devices']['count'] == 2
+    assert (m['run_key'], m['seed'], m['steps']) == (o['run_key'], o['seed'], o['steps'])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 _measurements(m), _measurements(o))

@@ -1,5 +1,6 @@
 """PreciseBN: population statistics as averages over batches, against closed forms."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -79,3 +80,35 @@ def test_precise_statistics_of_the_resnet_which_has_no_dropout():
   stats = precise_bn.population_stats(model, variables, x, batch_size=6)['BatchNorm_0']
   np.testing.assert_allclose(stats['mean'], np.mean(stem, (0, 1, 2)), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(stats['var'], np.var(stem, (0, 1, 2)), rtol=1e-3, atol=1e-6)
+
+
+def test_bias_corrected_running_averages_recover_constant_batch_statistics():
+  # Every batch has per-feature mean mu and (biased) variance s2: after t updates from 0/1
+  # the running averages are mu (1 - m^t) and m^t + s2 (1 - m^t); corrected, mu and s2.
+  mu, s2, m, t = np.array([2.0, -1.0]), np.array([4.0, 0.25]), 0.9, 7
+  batch = mu + np.sqrt(s2) * np.array([[1.0, 1.0], [-1.0, -1.0]])  # mean mu, variance s2
+  bn = nn.BatchNorm(use_running_average=False, momentum=m)
+  variables = bn.init(jax.random.key(0), batch)
+  for _ in range(t):
+    _, updates = bn.apply(variables, batch, mutable=['batch_stats'])
+    variables = {**variables, **updates}
+  raw = variables['batch_stats']
+  np.testing.assert_allclose(raw['mean'], mu * (1 - m**t), rtol=1e-5)
+  np.testing.assert_allclose(raw['var'], m**t + s2 * (1 - m**t), rtol=1e-5)
+  corrected = precise_bn.bias_corrected(raw, m, t)
+  np.testing.assert_allclose(corrected['mean'], mu, rtol=1e-5)
+  np.testing.assert_allclose(corrected['var'], s2, rtol=1e-5)
+  kept = precise_bn.bias_corrected({'mean': raw['mean'], 'steps': 3.0}, m, t)
+  assert kept['steps'] == 3.0  # counters are not statistics
+
+
+def test_fit_reports_bias_corrected_numbers(small_dataset):
+  model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.0)
+  args = dict(seeds=(0,), batch_size=50, epochs=1, progress=False)
+  (plain,), _ = loop.fit(model, small_dataset, **args)
+  (result,), _ = loop.fit(model, small_dataset, bn_ema_bias_correction=0.99, **args)
+  assert result['final']['val_accuracy'] == plain['final']['val_accuracy']  # EMA as before
+  assert {'corrected_val_accuracy', 'corrected_test_accuracy', 'corrected_val_loss',
+          'corrected_test_loss'} <= set(result['final'])
+  # 6 steps at 0.99 leave 94% of the initial values: correcting them changes the numbers.
+  assert result['final']['corrected_val_loss'] != result['final']['val_loss']

@@ -16,11 +16,67 @@ def test_atomic_write_and_records_round_trip(tmp_path):
   assert open(path).read() == 'world'
   assert os.listdir(os.path.dirname(path)) == ['summary.md']  # no temporary left behind
   records_path = os.path.join(tmp_path, 'results.jsonl')
-  results.append_records(records_path, [{'a': 1}, {'a': float('nan')}])
+  results.append_records(records_path, [{'experiment': 'e', 'a': 1},
+                                        {'experiment': 'e', 'a': float('nan')}])
   with open(records_path, 'a') as f:
     f.write('{"torn": ')  # a crash in the middle of a line
   records = results.read_records(records_path)
-  assert records[0] == {'a': 1} and len(records) == 2
+  assert records[0] == {'experiment': 'e', 'a': 1} and len(records) == 2
+
+
+def _record(seed):
+  return {'experiment': 'e', 'run_key': 'k', 'seed': seed, 'identity': {}}
+
+
+def test_a_torn_last_line_is_set_aside_and_the_next_record_starts_a_fresh_line(tmp_path,
+                                                                                capsys):
+  path = tmp_path / 'results.jsonl'
+  results.append_records(str(path), [_record(0), _record(1)])
+  whole = path.read_bytes()
+  path.write_bytes(whole[:-10])  # the second line cut short (a kill or a full disk)
+  work = results.Workdir(str(tmp_path), 'e')
+  assert list(work.finished) == [('k', 0)]
+  assert path.read_bytes() == whole.split(b'\n')[0] + b'\n'  # whole lines only
+  assert (tmp_path / results.REJECTED).read_bytes() == whole.split(b'\n')[1][:-9] + b'\n'
+  err = capsys.readouterr().err
+  assert f'{path} line 2 is torn (a write cut short)' in err and results.REJECTED in err
+  results.append_records(str(path), [_record(1)])
+  assert [r['seed'] for r in results.read_records(path)] == [0, 1]
+
+
+def test_a_last_line_without_its_newline_is_kept_and_appends_start_a_new_line(tmp_path):
+  path = tmp_path / 'results.jsonl'
+  results.append_records(str(path), [_record(0)])
+  path.write_bytes(path.read_bytes()[:-1])  # `truncate -s -1`: the record whole, no newline
+  assert list(results.Workdir(str(tmp_path), 'e').finished) == [('k', 0)]
+  results.append_records(str(path), [_record(1), _record(2)])
+  assert [r['seed'] for r in results.read_records(path)] == [0, 1, 2]
+  assert path.read_bytes().count(b'\n') == 3 and not (tmp_path / results.REJECTED).exists()
+
+
+def test_a_garbage_line_in_the_middle_is_named_then_set_aside(tmp_path, capsys):
+  path = tmp_path / 'results.jsonl'
+  results.append_records(str(path), [_record(0)])
+  with open(path, 'a') as f:
+    f.write('garbage\n\n[1, 2]\n')  # not JSON, a blank line, JSON but not a record
+  results.append_records(str(path), [_record(1)])
+  with pytest.raises(ValueError, match=f'{path} line 2 is not JSON .*: run the experiment on '
+                     f'this workdir once .*{results.REJECTED}.*, or delete that line'):
+    results.read_records(path)
+  assert sorted(results.Workdir(str(tmp_path), 'e').finished) == [('k', 0), ('k', 1)]
+  err = capsys.readouterr().err
+  assert 'line 2 is not JSON' in err and 'line 4 is not a result record' in err
+  assert (tmp_path / results.REJECTED).read_text() == 'garbage\n[1, 2]\n'
+  assert [r['seed'] for r in results.read_records(path)] == [0, 1]
+
+
+def test_a_deleted_lock_stops_the_writer_before_it_records(tmp_path):
+  results.Workdir(str(tmp_path), 'e')
+  results.check_lock(str(tmp_path))  # still ours
+  os.remove(tmp_path / '.lock')
+  with pytest.raises(results.WorkdirInUse, match='.lock was deleted or replaced while this '
+                     'process .* stop every process using it, then rerun'):
+    results.check_lock(str(tmp_path))
 
 
 def test_run_key_is_a_stable_hash_of_the_identity():

@@ -20,7 +20,8 @@ def test_identity_holds_only_the_settings_that_change_numbers():
   assert results.run_key(settings.identity(settings.resolve(config, **same))) == key
   for change in (dict(batch_size=64), dict(learning_rate=3e-3), dict(hidden=(64,)),
                  dict(data='synthetic'), dict(bn_momentum=0.9), dict(epochs=4),
-                 dict(dropout=0.0), dict(evals_per_epoch=2), dict(split_seed=1)):
+                 dict(dropout=0.0), dict(evals_per_epoch=2), dict(split_seed=1),
+                 dict(bn_ema_bias_correction=True)):
     assert results.run_key(settings.identity(settings.resolve(config, **change))) != key
   assert results.run_key(settings.identity(config, num_devices=8)) != key
   # Each norm's own settings enter only with that norm.
@@ -34,6 +35,13 @@ def test_identity_holds_only_the_settings_that_change_numbers():
   # Without BN its settings do not matter; with a step budget the epochs do not.
   none = settings.resolve(config, norm='none')
   assert settings.identity(none) == settings.identity(settings.resolve(none, bn_momentum=0.5))
+  assert settings.identity(none) == settings.identity(settings.resolve(
+      none, bn_ema_bias_correction=True))
+  assert settings.identity(config, data_content='abc') != settings.identity(config)
+  assert settings.fit_args(settings.resolve(config, bn_ema_bias_correction=True, bn_momentum=0.9)
+                           )['bn_ema_bias_correction'] == 0.9  # the momentum to correct for
+  assert settings.fit_args(settings.resolve(none, bn_ema_bias_correction=True))[
+      'bn_ema_bias_correction'] is None
   budget = settings.resolve(config, max_steps=100)
   assert settings.identity(budget) == settings.identity(settings.resolve(budget, epochs=9))
   assert len(key) == 12
@@ -95,7 +103,7 @@ def test_fit_args_carry_every_loop_setting():
   assert settings.fit_args(config) == dict(
       learning_rate=1e-3, batch_size=32, epochs=5, max_steps=11, chunk_steps=3,
       evals_per_epoch=2, eval_batch_size=7, progress=False, precise_bn_examples=0,
-      augment='none', loss_scale=False)
+      augment='none', loss_scale=False, bn_ema_bias_correction=None)
   for dtype, scaled in (('bfloat16', False), ('float16', True)):
     half = settings.resolve(config, half_precision=True, half_precision_dtype=dtype)
     assert settings.fit_args(half)['loss_scale'] is scaled
@@ -116,3 +124,11 @@ def test_presets_apply_before_command_line_overrides():
   assert (c.seeds, c.epochs, c.data) == (5, 1, 'synthetic')  # the flag wins over the preset
   c = cli.resolve(get_config(), {'seeds': 4}, presets)
   assert (c.seeds, c.epochs, c.data) == (4, 3, 'real')  # no preset
+
+
+def test_compilation_cache_path_is_the_setting_or_the_user_cache(monkeypatch, tmp_path):
+  config = settings.base_config()
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  assert settings.compilation_cache_path(config) == str(tmp_path / 'bn_jax' / 'jax')
+  config.compilation_cache_dir = '/elsewhere/jax'
+  assert settings.compilation_cache_path(config) == '/elsewhere/jax'

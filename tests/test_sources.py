@@ -4,6 +4,7 @@ error naming the file), TFDS (mocked) and its offline probe."""
 import os
 import pickle
 import socket
+import sys
 import threading
 
 import numpy as np
@@ -250,6 +251,25 @@ def test_cifar_pickle_runs_no_code(tmp_path):
   with pytest.raises(ValueError, match=r'data_batch_2 .*names (posix|os|nt)\.mkdir'):
     data.load(f'cifar:{tmp_path}')
   assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize('module, name', [
+    ('numpy.f2py.__main__', 'dtype'),  # importing it runs f2py's command-line tool
+    ('numpy', 'load'), ('numpy.lib.npyio', 'load'), ('numpy.testing', 'run_module_suite'),
+    ('numpy', 'fromfile'), ('builtins', 'eval'), ('os', 'system'), ('subprocess', 'Popen'),
+    ('runpy', 'run_path'), ('_codecs', 'decode'),
+])
+def test_cifar_pickle_may_name_only_the_globals_of_an_array(tmp_path, module, name):
+  _write_cifar_dir(tmp_path)
+  modules_before = set(sys.modules)
+  # GLOBAL opcode naming module.name, then STOP: loading it would import the module.
+  open(os.path.join(tmp_path, 'data_batch_1'), 'wb').write(f'c{module}\n{name}\n.'.encode())
+  with pytest.raises(ValueError) as error:
+    data.load(f'cifar:{tmp_path}')
+  assert str(error.value).count('\n') == 0  # one line
+  assert f'data_batch_1 (UnpicklingError: it names {module}.{name}, which is not part' in str(
+      error.value)
+  assert not {m for m in set(sys.modules) - modules_before if m.startswith(module)}
 
 
 @pytest.mark.parametrize('batch, message', [

@@ -33,15 +33,16 @@ FINAL_KEYS = {'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'test_
 def test_run_makes_one_record_per_seed_with_overrides_applied():
   config = settings.base_config()
   config.update(data='synthetic:200', seeds=2, epochs=1, hidden=(8,), progress=False, devices=1)
-  records = sweep.run(config, data.load(config.data), experiment='t', norm='none',
-                      batch_size=50)
+  dataset = data.load(config.data)
+  records = sweep.run(config, dataset, experiment='t', norm='none', batch_size=50)
   assert [r['seed'] for r in records] == [0, 1]
   for r in records:
     assert RECORD_KEYS <= set(r)
     assert r['norm'] == 'none' and r['config']['norm'] == 'none' and r['batch_size'] == 50
     assert r['config']['seed'] == r['seed'] and r['config']['hidden'] == [8]
     assert r['identity'] == settings.identity(settings.resolve(config, norm='none',
-                                                               batch_size=50))
+                                                               batch_size=50),
+                                              data_content=dataset.fingerprint)
     assert r['run_key'] == results.run_key(r['identity'])
     assert set(r['code']) == {'sources', 'script', 'commit', 'dirty'}
   assert config.norm == 'batch'  # the caller's config is left as it was

@@ -119,18 +119,23 @@ def main(config, workdir):
 
   last, at = steps[-1], config.accuracy_at
   mean = lambda a: f'{np.nanmean(a):.4f}'
+  gates = lambda s: (papers.arm_gates(f'BN at {s} steps', runs['batch', s]) +
+                     papers.arm_gates(f'none at {s} steps', runs['none', s]))
   rows = [
       papers.finding(f'BN reaches higher test accuracy at {at} steps', _setting(config, rate),
                      test['batch', at] - test['none', at], 'accuracy', 'higher (Fig. 1a)',
-                     f"BN {mean(test['batch', at])}, none {mean(test['none', at])}"),
+                     f"BN {mean(test['batch', at])}, none {mean(test['none', at])}",
+                     gates=gates(at)),
       papers.finding(f'BN reaches higher test accuracy at the end ({last} steps)',
                      _setting(config, rate), test['batch', last] - test['none', last],
                      'accuracy', 'higher (Fig. 1a)',
-                     f"BN {mean(test['batch', last])}, none {mean(test['none', last])}"),
+                     f"BN {mean(test['batch', last])}, none {mean(test['none', last])}",
+                     gates=gates(last)),
       papers.finding('the sigmoid inputs drift less with BN',
                      f'drift of the 15/50/85th percentiles over budgets {tuple(steps)}',
                      drift['none'] - drift['batch'], 'drift', 'stable with BN (Fig. 1b, c)',
-                     f"drift BN {drift['batch'].mean():.3f}, none {drift['none'].mean():.3f}"),
+                     f"drift BN {drift['batch'].mean():.3f}, none {drift['none'].mean():.3f}",
+                     gates=gates(last)),
   ]
   notes = [f'Rate rule: SGD rates {tuple(config.lrs)} on the no-BN network for '
            f'{config.select_steps} steps; mean val accuracy ' +

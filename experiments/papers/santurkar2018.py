@@ -107,25 +107,27 @@ def main(config, workdir):
   mean = lambda n: f'{np.nanmean(test[n]):.4f}'
   setting = (f'CNN {tuple(config.features)}, SGD momentum {config.momentum} lr '
              f'{config.learning_rate:g}, batch {config.batch_size}, {config.epochs} epochs')
+  gates = lambda *norms: [g for n in norms for g in papers.arm_gates(n, runs[n])]
   rows = [
       papers.finding('noisy BN trains better than no BN', setting,
                      test['noisy_batch'] - test['none'], 'accuracy', 'yes (Fig. 2)',
-                     f"noisy {mean('noisy_batch')}, none {mean('none')}"),
+                     f"noisy {mean('noisy_batch')}, none {mean('none')}",
+                     gates=gates('noisy_batch', 'none')),
       papers.finding('noisy BN trains about as well as BN (within 1 point)', setting,
-                     0.01 - np.abs(test['noisy_batch'] - test['batch']),
-                     'accuracy margin', 'yes (Fig. 2)',
-                     f"noisy {mean('noisy_batch')}, BN {mean('batch')}"),
+                     test['noisy_batch'] - test['batch'], 'accuracy', 'yes (Fig. 2)',
+                     f"noisy {mean('noisy_batch')}, BN {mean('batch')}", margin=0.01,
+                     gates=gates('noisy_batch', 'batch')),
       papers.finding('BN does not reduce internal covariate shift', 'gradient cosine before '
                      'and after the earlier layers step, mean over layers 2..',
                      get('none', 'cosine') - get('batch', 'cosine'), 'cosine',
                      'BN: ICS not lower (Fig. 5)',
                      f"cosine BN {get('batch', 'cosine').mean():.3f}, none "
-                     f"{get('none', 'cosine').mean():.3f}"),
+                     f"{get('none', 'cosine').mean():.3f}", gates=gates('batch', 'none')),
       papers.finding('BN makes the landscape smoother', 'beta along the gradient, steps '
                      f'{tuple(config.step_sizes)} x lr', np.log10(get('none', 'beta')) -
                      np.log10(get('batch', 'beta')), 'log10 beta', 'smoother (Fig. 4)',
                      f"beta BN {get('batch', 'beta').mean():.3g}, none "
-                     f"{get('none', 'beta').mean():.3g}"),
+                     f"{get('none', 'beta').mean():.3g}", gates=gates('batch', 'none')),
   ]
   details = '\n'.join(['| norm | test accuracy | ICS cosine | ICS l2 | beta | loss range |',
                        '|---|---|---|---|---|---|'] + [

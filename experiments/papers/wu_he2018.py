@@ -30,6 +30,7 @@ from bn_jax import report
 from bn_jax import settings
 from bn_jax import sweep
 
+NAMES = {'batch': 'BN', 'group': 'GN'}
 PAPER = {'batch': (23.6, 23.7, 24.8, 27.3, 34.7), 'group': (24.1, 24.2, 24.0, 24.2, 24.1)}
 PAPER_SIZES = (32, 16, 8, 4, 2)
 
@@ -102,19 +103,25 @@ def main(config, workdir):
   mean = lambda norm, n: f'{np.nanmean(error[norm, n]):.2f}%'
   setting = (f'CNN {tuple(config.features)}, {config.devices_simulated} simulated devices, '
              f'{config.epochs} epoch(s)')
+  gates = lambda *arms: [g for norm, n in arms for g in papers.arm_gates(
+      f'{NAMES.get(norm, norm)} at {n} per device', runs[norm, n])]
   rows = [
       papers.finding(f"BN's error grows as the batch shrinks ({big} -> {small} per device)",
                      setting, growth['batch'], 'points of error',
                      f"{paper('batch', big)} -> {paper('batch', small)}",
-                     f"{mean('batch', big)} -> {mean('batch', small)}"),
+                     f"{mean('batch', big)} -> {mean('batch', small)}",
+                     gates=gates(('batch', big), ('batch', small))),
       papers.finding("GN's error does not (grows less than BN's)", setting,
                      growth['batch'] - growth['group'], 'points of error',
                      f"GN {paper('group', big)} -> {paper('group', small)}",
-                     f"GN {mean('group', big)} -> {mean('group', small)}"),
+                     f"GN {mean('group', big)} -> {mean('group', small)}",
+                     gates=gates(('batch', big), ('batch', small), ('group', big),
+                                 ('group', small))),
       papers.finding(f'GN beats BN at {small} per device', setting,
                      error['batch', small] - error['group', small], 'points of error',
                      f"BN {paper('batch', small)} vs GN {paper('group', small)}",
-                     f"BN {mean('batch', small)} vs GN {mean('group', small)}"),
+                     f"BN {mean('batch', small)} vs GN {mean('group', small)}",
+                     gates=gates(('batch', small), ('group', small))),
   ]
   table = ['| norm | ' + ' | '.join(f'{n} per device' for n in sizes) + ' |',
            '|---|' + '---|' * len(sizes)]
