@@ -149,7 +149,8 @@ def validate(config, num_devices=1, num_train=None):
   _check(c.init_std >= 0, f'init_std must be >= 0 (0: init_scale x LeCun-normal), got '
          f'{c.init_std}.')
   for key in ('train_examples', 'epochs', 'max_steps', 'chunk_steps', 'checkpoint_every_steps',
-              'devices', 'bn_group_size', 'precise_bn_examples', 'concurrent_runs'):
+              'devices', 'bn_group_size', 'precise_bn_examples', 'concurrent_runs',
+              'first_seed'):
     _at_least(c, key, 0)
   for key in ('seeds', 'evals_per_epoch', 'eval_batch_size', 'checkpoint_keep'):
     _at_least(c, key, 1)

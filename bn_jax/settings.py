@@ -92,7 +92,8 @@ def base_config():
   c.batch_size = 32
   c.epochs = 5
   c.max_steps = 0  # a budget in steps instead of epochs (0: use epochs)
-  c.seeds = 3  # seeds 0 .. seeds-1, trained together in one program
+  c.seeds = 3  # seeds first_seed .. first_seed + seeds - 1, trained together in one program
+  c.first_seed = 0  # e.g. a selection (of rates, budgets) on seeds disjoint from the tested
   c.chunk_steps = 0  # train steps per dispatched program; 0 = up to the next evaluation
   # Validation points per epoch (the `curve` of each record); at most the steps of an epoch
   # (of the longest epoch among a sweep's runs): more is an error, not silently fewer points.
@@ -249,6 +250,11 @@ def fit_args(config):
               augment=c.augment, loss_scale=loss_scale(c),
               bn_ema_bias_correction=(c.bn_momentum if c.bn_ema_bias_correction and
                                       c.norm in RUNNING_STATS else None))
+
+
+def seed_list(config):
+  """The seeds a configuration trains: first_seed .. first_seed + seeds - 1."""
+  return list(range(config.first_seed, config.first_seed + config.seeds))
 
 
 def loss_scale(config):

@@ -72,8 +72,8 @@ def make_runner(config):
 
 def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_states=False,
           compile_threads=0, script=None):
-  """Runs every configuration of `grid` (a list of overrides of `config`) for seeds
-  0 .. seeds-1; returns their records in grid order (one per seed).
+  """Runs every configuration of `grid` (a list of overrides of `config`) for its seeds
+  (`settings.seed_list`); returns their records in grid order (one per seed).
 
   Args:
     config: the resolved base config; `grid` entries override it.
@@ -104,7 +104,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   runs = {}  # run key -> [config, identity, seeds]: a grid may name one configuration twice
   for c in configs:
     identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
-    runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(range(c.seeds))
+    runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(
+        settings.seed_list(c))
   finished = _reusable(work, runs, code, config.on_code_change, save_states)
   todo = []  # (key, config, identity, seeds to train, seeds to record)
   for key, (c, identity, seeds) in runs.items():
@@ -191,7 +192,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   out = []
   for c in configs:
     key = results.run_key(settings.identity(c, runner.num_devices, dataset.fingerprint))
-    out += [every[key, s] for s in range(c.seeds)]
+    out += [every[key, s] for s in settings.seed_list(c)]
   return out
 
 

@@ -240,6 +240,15 @@ def test_more_seeds_train_only_the_new_seeds_together(tmp_path, counting):
   assert counting.trained == [[0], [1, 2]]
 
 
+def test_first_seed_trains_seeds_disjoint_from_the_default_ones(tmp_path, counting):
+  dataset = data.load('synthetic:200')
+  sweep.sweep(_small_config(seeds=2), dataset, [{}], experiment='t', workdir=str(tmp_path))
+  records = sweep.sweep(_small_config(seeds=2), dataset, [{'first_seed': 2}], experiment='t',
+                        workdir=str(tmp_path))
+  assert counting.trained == [[0, 1], [2, 3]] and [r['seed'] for r in records] == [2, 3]
+  assert len(set(_keys_on_disk(tmp_path))) == 4  # one configuration, four seeds
+
+
 def test_a_grid_naming_one_configuration_twice_trains_it_once(tmp_path, counting):
   records = sweep.sweep(_small_config(), data.load('synthetic:200'),
                         [{'learning_rate': 1e-3}, {}], experiment='t', workdir=str(tmp_path))

@@ -79,9 +79,10 @@ def check(config):
 
 def choose_rate(study, config):
   """The rule: the rate of `lrs` with the best mean val accuracy of the no-BN network after
-  `select_steps` steps (diverged runs count 0); returns (rate, {rate: mean accuracy})."""
-  grid = [{'norm': 'none', 'learning_rate': lr, 'max_steps': config.select_steps}
-          for lr in config.lrs]
+  `select_steps` steps (diverged runs count 0), on seeds disjoint from the tested ones (the
+  `seeds` after them); returns (rate, {rate: mean accuracy})."""
+  grid = [{'norm': 'none', 'learning_rate': lr, 'max_steps': config.select_steps,
+           'first_seed': config.first_seed + config.seeds} for lr in config.lrs]
   accuracy = {lr: float(np.nan_to_num(claims.final(rs, 'val_accuracy'), nan=0.0).mean())
               for lr, rs in zip(config.lrs, study.runs(grid))}
   return max(accuracy, key=accuracy.get), accuracy
@@ -138,7 +139,8 @@ def main(config, workdir):
                      gates=gates(last)),
   ]
   notes = [f'Rate rule: SGD rates {tuple(config.lrs)} on the no-BN network for '
-           f'{config.select_steps} steps; mean val accuracy ' +
+           f'{config.select_steps} steps, on {config.seeds} other seeds than the tested ones; '
+           'mean val accuracy ' +
            ', '.join(f'{lr:g}: {a:.4f}' for lr, a in tried.items()) + f'; chosen {rate:g}.',
            f'Network: hidden {tuple(config.hidden)} {config.activation}, weights N(0, '
            f'{config.init_std:g}^2), no dropout, batch {config.batch_size}, {config.seeds} '
