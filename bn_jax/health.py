@@ -33,10 +33,14 @@ def warnings(config, result):
   out = []
   weight = initial_weight(config, result['steps'])
   if weight > WARM:
+    controls = [name for name, on in (('precise_*', config.get('precise_bn_examples')),
+                                      ('corrected_*', config.get('bn_ema_bias_correction')))
+                if on]
+    fix = (f'the {" and ".join(controls)} numbers do not' if controls else
+           'use PreciseBN or bn_ema_bias_correction, or train longer')
     out.append(f'cold running averages: after {result["steps"]} steps at momentum '
                f'{config["bn_momentum"]:g} they still hold {weight:.0%} of their initial values '
-               f'(> {WARM:.0%}); eval-mode numbers partly measure those (use PreciseBN or '
-               'bn_ema_bias_correction, or train longer)')
+               f'(> {WARM:.0%}); eval-mode val_*/test_* numbers partly measure those ({fix})')
   if result['status'] == 'diverged':
     at = result['diverged_at']
     out.append(f'diverged at epoch {at["epoch"]}, step {at["step"]}')

@@ -88,7 +88,7 @@ def decide(rows, words=None):
   for i, r in enumerate(rows):
     r = dict(r)
     r['p_adjusted'] = float(adjusted.get(i, math.nan))
-    r['interval_adjusted'] = _interval(r, max(len(family), 1))
+    r['interval_adjusted'] = _interval(r, len(family)) if i in adjusted else [math.nan] * 2
     if r['failed']:
       r['verdict'] = f'invalid setup ({"; ".join(r["failed"])})'
     else:

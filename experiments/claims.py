@@ -118,7 +118,8 @@ def claim_lr(study, c, out):
       row('BN converges faster (best lr each)', f'steps to val acc {c.target_val_accuracy}',
           steps_best['none'] - steps_best['batch'], 'steps',
           f'best rates BN {sorted({float(r) for r in best["batch"]})}, none '
-          f'{sorted({float(r) for r in best["none"]})}'),
+          f'{sorted({float(r) for r in best["none"]})}',
+          gates=warm({n: [runs[n, lr][s] for s, lr in enumerate(best[n])] for n in NORMS})),
   ]
 
 
