@@ -20,13 +20,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bn_jax import errors
+
 # Orbax's save machinery keeps process-wide state: two threads saving at once (a sweep trains
 # configurations concurrently) time out waiting on each other's signals. Every Orbax call
 # holds this lock, and saves are synchronous (a save of these small states takes milliseconds).
 _ORBAX = threading.Lock()
 
 
-class CorruptCheckpoints(ValueError):
+class CorruptCheckpoints(errors.UserError, ValueError):
   """No checkpoint of a run restores intact; the message names the directory and the fix."""
 
 
@@ -62,7 +64,7 @@ class Checkpointer:
     need = sum(x.nbytes for x in jax.tree.leaves(arrays)) + 2**20  # + room for metadata
     free = shutil.disk_usage(self.directory).free
     if free < need:
-      raise OSError(self._full_disk(step, f'it needs ~{need / 2**20:.1f} MiB, '
+      raise errors.WorkdirError(self._full_disk(step, f'it needs ~{need / 2**20:.1f} MiB, '
                                           f'{free / 2**20:.1f} MiB are free'))
     with _ORBAX:
       try:
@@ -73,7 +75,7 @@ class Checkpointer:
         for partial in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
           shutil.rmtree(partial, ignore_errors=True)
         if 'No space left on device' in str(e):
-          raise OSError(self._full_disk(step, 'no space left on device')) from e
+          raise errors.WorkdirError(self._full_disk(step, 'no space left on device')) from e
         raise
 
   def _full_disk(self, step, why):

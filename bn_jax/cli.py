@@ -1,6 +1,7 @@
 """The command line every experiment script shares: `--config.KEY=VALUE` overrides of the
 script's `get_config()`, presets (e.g. `--config.quick=true`) applied *before* those
-overrides so that a flag always wins, `--workdir`, and bad input reported as one line.
+overrides so that a flag always wins, `--workdir`, and bad input (`errors.UserError`) reported
+as one line; any other exception is a bug and shows its traceback.
 
   if __name__ == '__main__':
     cli.run(main, get_config, presets={'quick': quick}, grid_keys=('norm',))
@@ -17,11 +18,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from bn_jax import checks
+from bn_jax import errors
 from bn_jax import interrupt
 from bn_jax import results
 
-# Bad input a user can fix: reported as `error: <message>` and exit status 2, no traceback.
-USER_ERRORS = (ValueError, KeyError, OSError)
 
 
 def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experiment'):
@@ -54,10 +54,9 @@ def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experimen
       if results.is_writer():
         print(e, file=sys.stderr, flush=True)
       sys.exit(128 + e.signum)
-    except USER_ERRORS as e:
-      message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except errors.UserError as e:  # bad settings, data or workdir: one line; a bug: traceback
       if results.is_writer():
-        print(f'error: {message}', file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
 
   app.run(absl_main)

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from bn_jax import errors
 from bn_jax import sources
 
 IMAGE_SHAPE = (28, 28, 1)  # of MNIST-format data and of `synthetic` without a shape
@@ -49,7 +50,7 @@ class Dataset:
     for split in SPLITS:
       pixels = getattr(self, f'{split}_pixels')
       if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != self.image_shape:
-        raise ValueError(f'Dataset {split}_pixels: got {pixels.dtype} {pixels.shape}, expected '
+        raise errors.DataError(f'Dataset {split}_pixels: got {pixels.dtype} {pixels.shape}, expected '
                          f'uint8 (N,) + {self.image_shape} like train_pixels: pass raw pixels '
                          '(as data.load returns them), not float images.')
     if self.standardize:
@@ -98,7 +99,7 @@ class Dataset:
     """The model's float32 inputs of `split` ('train', 'val' or 'test'), or of its `rows` (any
     numpy index; only those are converted)."""
     if split not in SPLITS:
-      raise ValueError(f'unknown split {split!r}: choose one of {SPLITS}.')
+      raise errors.DataError(f'unknown split {split!r}: choose one of {SPLITS}.')
     pixels = getattr(self, f'{split}_pixels')
     return self._to_float(pixels if rows is None else pixels[rows])
 
@@ -110,7 +111,7 @@ class Dataset:
     if self.standardize:
       mean, std = self.channel_stats
       if not std.all():
-        raise ValueError(f'standardize: channel {int(np.argmin(std))} of the {self.name} '
+        raise errors.DataError(f'standardize: channel {int(np.argmin(std))} of the {self.name} '
                          'training images is constant (std 0), so it cannot be standardized: '
                          'set standardize=False.')
       inputs -= mean
@@ -156,13 +157,13 @@ def load(spec='tfds:mnist', *, val_fraction=0.1, split_seed=42, data_dir=None, s
   x_train = _check_arrays(f'{spec} train', x_train, y_train)
   x_test = _check_arrays(f'{spec} test', x_test, y_test)
   if x_train.shape[1:] != x_test.shape[1:]:
-    raise ValueError(f'{spec}: train images are {x_train.shape[1:]} but test images '
+    raise errors.DataError(f'{spec}: train images are {x_train.shape[1:]} but test images '
                      f'{x_test.shape[1:]}; both splits need one image shape.')
   (x_train, y_train), (x_val, y_val) = split_validation(
       x_train, y_train, val_fraction=val_fraction, seed=split_seed)
   if train_examples:
     if not 0 < train_examples <= len(y_train):
-      raise ValueError(f'train_examples must be in [1, {len(y_train)}] (the training examples '
+      raise errors.DataError(f'train_examples must be in [1, {len(y_train)}] (the training examples '
                        f'of {spec} after the validation split), got {train_examples}; 0 keeps '
                        'them all.')
     x_train, y_train = x_train[:train_examples], y_train[:train_examples]
@@ -180,7 +181,7 @@ def parse_spec(spec):
   """A data spec -> (kind, argument): ('tfds', NAME), ('idx', DIR), ('cifar', DIR) or
   ('synthetic', (N, (H, W, C)))."""
   if not isinstance(spec, str):
-    raise ValueError(f'data spec must be a string, got {spec!r}: use {SPEC_FORMS}.')
+    raise errors.DataError(f'data spec must be a string, got {spec!r}: use {SPEC_FORMS}.')
   kind, _, arg = spec.partition(':')
   if kind in ('tfds', 'idx', 'cifar') and arg:
     return kind, arg
@@ -193,13 +194,13 @@ def parse_spec(spec):
       shape = tuple(int(d) for d in match.groups()[1:]) if match[2] else IMAGE_SHAPE
       if num >= 8 and shape[0] >= 1 and shape[1] >= 1 and shape[2] in (1, 3):
         return kind, (num, shape)
-  raise ValueError(f'unknown data spec {spec!r}: use {SPEC_FORMS}.')
+  raise errors.DataError(f'unknown data spec {spec!r}: use {SPEC_FORMS}.')
 
 
 def split_validation(images, labels, *, val_fraction=0.1, seed=42):
   """Shuffles with a fixed seed and holds out `val_fraction` of the examples."""
   if not 0 <= val_fraction < 1:
-    raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
+    raise errors.DataError(f'val_fraction must be in [0, 1), got {val_fraction}')
   n = len(labels)
   n_val = int(round(n * val_fraction))
   order = np.random.default_rng(seed).permutation(n)
@@ -213,14 +214,14 @@ def _check_arrays(what, images, labels):
   if images.ndim == 3:  # grey images without a channel axis
     images = images[..., None]
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'{what}: images have shape {images.shape[1:]}, expected (H, W) or '
+    raise errors.DataError(f'{what}: images have shape {images.shape[1:]}, expected (H, W) or '
                      '(H, W, C) with C = 1 (grey) or 3 (RGB).')
   if images.dtype != np.uint8:
-    raise ValueError(f'{what}: images are {images.dtype}, expected uint8 pixels (0 .. 255).')
+    raise errors.DataError(f'{what}: images are {images.dtype}, expected uint8 pixels (0 .. 255).')
   if len(images) != len(labels):
-    raise ValueError(f'{what}: {len(images)} images but {len(labels)} labels.')
+    raise errors.DataError(f'{what}: {len(images)} images but {len(labels)} labels.')
   if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-    raise ValueError(f'{what}: labels must be in [0, {NUM_CLASSES}), found '
+    raise errors.DataError(f'{what}: labels must be in [0, {NUM_CLASSES}), found '
                      f'[{labels.min()}, {labels.max()}].')
   return images
 

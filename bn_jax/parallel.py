@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bn_jax import errors
 from bn_jax import train
 
 AXIS = 'batch'
@@ -45,13 +46,13 @@ class DataParallel:
 
   def __init__(self, num_devices=0, kind='shard_map'):
     if kind not in KINDS:
-      raise ValueError(f'unknown parallel {kind!r}: choose one of {KINDS}.')
+      raise errors.ConfigError(f'unknown parallel {kind!r}: choose one of {KINDS}.')
     devices = jax.devices()  # every device of every process
     if not 0 <= num_devices <= len(devices):
-      raise ValueError(f'devices={num_devices}, but JAX sees {len(devices)} '
+      raise errors.ConfigError(f'devices={num_devices}, but JAX sees {len(devices)} '
                        f'({jax.default_backend()}); 0 means all of them.')
     if kind == 'pmap' and jax.process_count() > 1:
-      raise ValueError("parallel='pmap' runs on one host; use 'shard_map' across hosts.")
+      raise errors.ConfigError("parallel='pmap' runs on one host; use 'shard_map' across hosts.")
     self.kind = kind
     self.num_devices = num_devices or len(devices)
     self.mesh = jax.sharding.Mesh(np.array(devices[:self.num_devices]), (AXIS,))

@@ -25,6 +25,7 @@ import flax
 import jax
 import optax
 
+from bn_jax import errors
 from bn_jax import health
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -195,7 +196,7 @@ def read_records(path):
   records, bad = scan_records(path)
   for number, _, reason in bad:
     if not reason.startswith('torn'):
-      raise ValueError(f'{path} line {number} is {reason}: run the experiment on this workdir '
+      raise errors.DataError(f'{path} line {number} is {reason}: run the experiment on this workdir '
                        f'once (it moves such lines to {REJECTED}), or delete that line.')
   return records
 
@@ -229,7 +230,7 @@ class Workdir:
     self.path = os.path.abspath(path)
     self.results_path = os.path.join(self.path, 'results.jsonl')
     if os.path.exists(self.path) and not os.path.isdir(self.path):
-      raise NotADirectoryError(f'workdir {path!r} is a file: pass --workdir=DIR with a '
+      raise errors.WorkdirError(f'workdir {path!r} is a file: pass --workdir=DIR with a '
                                'directory path.')
     try:
       os.makedirs(self.path, exist_ok=True)
@@ -238,17 +239,17 @@ class Workdir:
         probe.flush()
         os.fsync(probe.fileno())
     except OSError as e:
-      raise OSError(f'workdir {path!r} cannot be created or written ({e.strerror}): choose '
+      raise errors.WorkdirError(f'workdir {path!r} cannot be created or written ({e.strerror}): choose '
                     'another --workdir (or free some space).') from e
     if is_writer():
       lock(self.path)
     records = self._read()
     others = sorted({r.get('experiment') for r in records} - {experiment})
     if others:
-      raise ValueError(f'{self.results_path} holds results of experiment {others[0]!r}, not '
+      raise errors.WorkdirError(f'{self.results_path} holds results of experiment {others[0]!r}, not '
                        f'{experiment!r}: use another --workdir.')
     if records and not resume and not overwrite:
-      raise FileExistsError(f'{self.results_path} already holds {len(records)} results and '
+      raise errors.WorkdirError(f'{self.results_path} already holds {len(records)} results and '
                             '--config.resume=false: pass --config.overwrite=true to delete them, '
                             'or use another --workdir.')
     if not resume and is_writer():
@@ -260,7 +261,7 @@ class Workdir:
           os.remove(stale)
       records = []
     if any('identity' not in r for r in records):
-      raise ValueError(f'{self.results_path} was written by an older bn_jax (records without a '
+      raise errors.WorkdirError(f'{self.results_path} was written by an older bn_jax (records without a '
                        'run identity or code version): use another --workdir, or pass '
                        '--config.resume=false --config.overwrite=true to delete its results.')
     self.finished = {(r['run_key'], r['seed']): r for r in records}
@@ -294,7 +295,7 @@ class Workdir:
         jax.device_get(variables)))
 
 
-class WorkdirInUse(OSError):
+class WorkdirInUse(errors.WorkdirError):
   """Another process writes to this workdir."""
 
 

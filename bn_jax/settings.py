@@ -15,13 +15,13 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
+from bn_jax import errors
 from bn_jax import models
 from bn_jax import optim
 from bn_jax import parallel
 
 
-class ConfigError(ValueError):
-  """A setting that cannot run; the message names the setting and the fix (one line)."""
+ConfigError = errors.ConfigError  # a setting that cannot run (`bn_jax.errors`)
 
 
 def base_config():

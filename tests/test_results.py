@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from bn_jax import errors
 from bn_jax import results
 
 
@@ -106,7 +107,7 @@ def test_code_version_hashes_the_sources_and_the_script(tmp_path):
 def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
   path = tmp_path / 'file'
   path.write_text('x')
-  with pytest.raises(NotADirectoryError, match='is a file'):
+  with pytest.raises(errors.WorkdirError, match='is a file'):
     results.Workdir(str(path), 'e')
   with pytest.raises(OSError, match="workdir '/proc/bn_jax_test' cannot be created or written"):
     results.Workdir('/proc/bn_jax_test', 'e')  # not writable even for root
@@ -114,7 +115,7 @@ def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
 
 def test_workdir_refuses_results_of_another_experiment(tmp_path):
   results.append_records(str(tmp_path / 'results.jsonl'), [{'experiment': 'batch_sizes'}])
-  with pytest.raises(ValueError, match="holds results of experiment 'batch_sizes', not "
+  with pytest.raises(errors.WorkdirError, match="holds results of experiment 'batch_sizes', not "
                                        "'bn_vs_no_bn': use another --workdir"):
     results.Workdir(str(tmp_path), 'bn_vs_no_bn')
 
@@ -124,7 +125,7 @@ def test_resume_false_refuses_to_overwrite_unless_asked(tmp_path):
   results.append_records(str(tmp_path / 'results.jsonl'), [record])
   os.makedirs(tmp_path / 'checkpoints' / 'k')
   assert results.Workdir(str(tmp_path), 'e').finished == {('k', 0): record}  # resume: kept
-  with pytest.raises(FileExistsError, match='pass --config.overwrite=true'):
+  with pytest.raises(errors.WorkdirError, match='pass --config.overwrite=true'):
     results.Workdir(str(tmp_path), 'e', resume=False)
   assert results.Workdir(str(tmp_path), 'e', resume=False, overwrite=True).finished == {}
   assert not (tmp_path / 'results.jsonl').exists() and not (tmp_path / 'checkpoints').exists()
@@ -132,6 +133,7 @@ def test_resume_false_refuses_to_overwrite_unless_asked(tmp_path):
 
 _HOLD = '''
 import sys, time
+from bn_jax import errors
 from bn_jax import results
 results.Workdir(sys.argv[1], 'e')
 print('locked', flush=True)

@@ -12,6 +12,7 @@ import pytest
 from _limits import HANG_SECONDS
 
 from bn_jax import data
+from bn_jax import errors
 from bn_jax import loop
 from bn_jax import report
 from bn_jax import results
@@ -286,7 +287,7 @@ def test_finished_runs_of_other_code_are_refused_retrained_or_reused(tmp_path, c
 def test_a_workdir_of_records_without_identity_is_refused(tmp_path):
   results.append_records(str(tmp_path / 'results.jsonl'), [
       {'experiment': 't', 'run_key': 'abc', 'seed': 0}])
-  with pytest.raises(ValueError, match='written by an older bn_jax .*use another --workdir'):
+  with pytest.raises(errors.WorkdirError, match='written by an older bn_jax .*use another --workdir'):
     sweep.sweep(_small_config(), data.load('synthetic:200'), [{}], experiment='t',
                 workdir=str(tmp_path))
 
