@@ -170,6 +170,9 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   bar = tqdm(total=sched.total_steps, initial=step, desc=desc, leave=False,
              # None: tqdm shows it only on a terminal (a log file gets no bar escape codes).
              disable=True if not progress or jax.process_index() != 0 else None)
+  # Without a terminal (a cluster job's log file), a plain line per epoch instead.
+  log = _EpochLog(desc, seeds, sched.total_steps, step) if (
+      progress and jax.process_index() == 0 and bar.disable) else None
   try:
     for epoch in range(start_epoch, sched.num_epochs):
       if all(diverged_at):
@@ -217,6 +220,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
             'val_loss': curve[s][-1]['val_loss'], 'val_accuracy': curve[s][-1]['val_accuracy'],
             'seconds': seconds})
       bar.set_postfix(val_acc=f'{np.nanmean(val["accuracy"]):.4f}')
+      if log:
+        log.epoch(epoch + 1, sched.num_epochs, step, val['accuracy'])
       if logger:
         logger.scalars(step, {'train/loss': train['loss'], 'train/accuracy': train['accuracy']})
       if checkpointer and checkpointer.due(step, last_saved, True):
@@ -264,6 +269,22 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
                     'steps_per_epoch': sched.steps_per_epoch,
                     'compile_seconds': programs.compile_seconds})
   return results, runner.get(states)
+
+
+class _EpochLog:
+  """One plain line per epoch: configuration, seeds, epoch and step, validation accuracy
+  (mean over seeds), time since the start and the time left at this pace."""
+
+  def __init__(self, desc, seeds, total_steps, start_step):
+    self.desc, self.seeds, self.total = desc, list(seeds), total_steps
+    self.start_step, self.t0 = start_step, time.perf_counter()
+
+  def epoch(self, epoch, epochs, step, val_accuracy):
+    elapsed = time.perf_counter() - self.t0
+    left = elapsed / max(step - self.start_step, 1) * (self.total - step)
+    print(f'{self.desc} seeds {self.seeds}: epoch {epoch}/{epochs}, step {step}/{self.total}, '
+          f'val acc {np.nanmean(val_accuracy):.4f}, {elapsed:.0f} s, ETA {left:.0f} s',
+          flush=True)
 
 
 def _precise_stats(model, runner, data, states, seeds, num_examples, batch_size):

@@ -2,6 +2,7 @@
 
 import collections
 import functools
+import re
 import threading
 import time
 
@@ -190,3 +191,18 @@ def test_progress_bar_only_on_a_terminal(small_dataset, capsys):
   _fit(small_dataset, epochs=1, progress=True)
   err = capsys.readouterr().err
   assert '\r' not in err and '\x1b[A' not in err and 'it/s' not in err
+
+
+def test_without_a_terminal_progress_is_a_line_per_epoch(small_dataset, capsys):
+  model = models.create_model('mlp', norm='batch', hidden=(8,), dropout=0.0)
+  results, _ = loop.fit(model, small_dataset, seeds=(0, 1), batch_size=50, epochs=2,
+                        progress=True, desc='mlp/batch bs=50')
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2  # 300 examples, batch 50: 6 steps an epoch
+  for epoch, line in enumerate(lines, 1):
+    assert re.fullmatch(rf'mlp/batch bs=50 seeds \[0, 1\]: epoch {epoch}/2, step {6 * epoch}/12, '
+                        r'val acc 0\.\d{4}, \d+ s, ETA \d+ s', line), line
+  mean = np.mean([r['final']['val_accuracy'] for r in results])
+  assert f'val acc {mean:.4f},' in lines[-1]  # the seeds' mean
+  loop.fit(model, small_dataset, seeds=(0,), batch_size=50, epochs=1, progress=False)
+  assert capsys.readouterr().out == ''  # progress off: silent
