@@ -48,7 +48,8 @@ class MLP(nn.Module):
     for width in self.hidden:
       # No bias before BN: BN subtracts it again, so its gradient is rounding noise, which
       # Adam would blow up into random steps (the original Keras model had the redundant bias).
-      x = nn.Dense(width, use_bias=self.norm is None, kernel_init=init, dtype=self.dtype)(x)
+      x = nn.Dense(width, use_bias=norms.resolve(self.norm) is None, kernel_init=init,
+                   dtype=self.dtype)(x)
       x = norms.normalize(self.norm, x, train, mask)
       # Each hidden layer's activation inputs, kept only when asked for (mutable=['intermediates'],
       # `papers.preactivations`), e.g. Ioffe & Szegedy's sigmoid-input percentiles.
@@ -129,7 +130,7 @@ class CNN(nn.Module):
     conv = patch_conv if patches else None  # None: nn.Conv's own lax.conv_general_dilated
     x = x.astype(self.dtype)
     for i, width in enumerate(self.features):
-      x = nn.Conv(width, (3, 3), use_bias=self.norm is None, kernel_init=init,
+      x = nn.Conv(width, (3, 3), use_bias=norms.resolve(self.norm) is None, kernel_init=init,
                   conv_general_dilated=conv, dtype=self.dtype)(x)
       x = norms.normalize(self.norm, x, train, mask)  # BN on conv maps: statistics per channel
       x = act(x)

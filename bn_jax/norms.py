@@ -221,9 +221,16 @@ def norm_layer(kind, *, momentum=0.99, epsilon=1e-3, axis_name=None, group_size=
   raise ValueError(f'unknown norm {kind!r}: choose one of {NORMS}.')
 
 
+def resolve(norm):
+  """A norm given by name (one of `NORMS`, with `norm_layer`'s defaults) or as a constructor
+  -> the constructor (None: no norm). Models accept either: `models.MLP(norm='batch')`."""
+  return norm_layer(norm) if isinstance(norm, str) else norm
+
+
 def normalize(norm, x, train, mask):
   """`norm(...)(x)`, the example mask (B,) passed as (B, 1, ..., 1) bool in train mode only;
-  `x` itself when `norm` is None."""
+  `x` itself when `norm` is None (or 'none')."""
+  norm = resolve(norm)
   if norm is None:
     return x
   if not train:

@@ -17,16 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bn_jax import norms
+
 STATISTICS = ('mean', 'var')  # the batch_stats leaves recomputed; others (counters) are kept
 
 
 def exact_model(model):
   """`model` with BN momentum 0 (running averages = the last batch's statistics), no
   dropout, and statistics of its own batch (no cross-device axis)."""
+  norm = norms.resolve(model.norm)
   changes = {'momentum': 0.0}
-  if hasattr(model.norm, 'axis_name'):
+  if hasattr(norm, 'axis_name'):
     changes['axis_name'] = None
-  return without_dropout(model).clone(norm=model.norm.replace(**changes))
+  return without_dropout(model).clone(norm=norm.replace(**changes))
 
 
 def without_dropout(model):

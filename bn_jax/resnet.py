@@ -164,7 +164,7 @@ def shortcut_a(x, features, stride):
 
 def _conv3x3(features, stride, norm, conv, dtype=jnp.float32):
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                 use_bias=norm is None, kernel_init=KAIMING_FAN_OUT,
+                 use_bias=norms.resolve(norm) is None, kernel_init=KAIMING_FAN_OUT,
                  conv_general_dilated=CONV_FNS[conv], dtype=dtype)
 
 

@@ -41,14 +41,14 @@ class TrainState(train_state.TrainState):
   dynamic_scale: Optional[dynamic_scale_lib.DynamicScale] = None
 
 
-def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
+def create_train_state(model, rng, learning_rate=None, input_shape=(1, 28, 28, 1), tx=None,
                        augment='none', loss_scale=False):
   """Initializes params, BN statistics and the optimizer state (its rate a vmappable entry).
 
   Args:
     model: a Flax module (`bn_jax.models.create_model`).
     rng: the init key.
-    learning_rate: Adam's rate when `tx` is None (ignored otherwise).
+    learning_rate: Adam's rate when `tx` is None (not needed with a `tx`).
     input_shape: the shape of a dummy batch.
     tx: an optimizer from `bn_jax.optim.make_optimizer`; None gives its Adam at
       `learning_rate`.
@@ -61,6 +61,9 @@ def create_train_state(model, rng, learning_rate, input_shape=(1, 28, 28, 1), tx
   augmentations.check(augment)
   variables = model.init({'params': rng}, jnp.zeros(input_shape, jnp.float32), train=False)
   if tx is None:  # the same Adam the sweep builds from a config
+    if learning_rate is None:
+      raise ValueError('create_train_state needs learning_rate (for its default Adam) or tx (an '
+                       'optimizer, e.g. from optim.make_optimizer).')
     tx = optim.make_optimizer('adam', learning_rate=learning_rate)
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                            batch_stats=variables.get('batch_stats', {}), augment=augment,

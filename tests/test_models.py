@@ -8,6 +8,7 @@ import pytest
 
 from bn_jax import loop
 from bn_jax import models
+from bn_jax import norms
 
 @pytest.mark.parametrize('norm, params, stats', [
     ('none', 784 * 128 + 128 + 128 * 10 + 10, 0),  # 101,770
@@ -157,3 +158,16 @@ def test_half_precision_training_lowers_the_loss(small_dataset):
                      progress=False)
   losses = [h['train_loss'] for h in runs[0]['history']]
   assert losses[-1] < losses[0] and np.isfinite(losses).all()
+
+
+def test_a_norm_by_name_is_the_norm_by_constructor():
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  by_name = models.MLP(hidden=(8,), norm='batch', dropout=0.0)
+  by_constructor = models.MLP(hidden=(8,), norm=norms.norm_layer('batch'), dropout=0.0)
+  variables = by_constructor.init(jax.random.key(1), x, train=False)
+  assert jax.tree.structure(by_name.init(jax.random.key(1), x, train=False)) == (
+      jax.tree.structure(variables))
+  np.testing.assert_array_equal(by_name.apply(variables, x, train=False),
+                                by_constructor.apply(variables, x, train=False))
+  plain = models.MLP(hidden=(8,), norm='none').init(jax.random.key(1), x, train=False)
+  assert 'bias' in plain['params']['Dense_0'] and 'batch_stats' not in plain  # no norm: a bias

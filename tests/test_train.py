@@ -11,6 +11,7 @@ import pytest
 
 from bn_jax import data
 from bn_jax import models
+from bn_jax import optim
 from bn_jax import train
 
 
@@ -232,3 +233,12 @@ def test_float16_training_with_loss_scaling_lowers_the_loss(small_dataset):
   assert losses[-1] < losses[0] and np.isfinite(losses).all()
   assert states.dynamic_scale.scale.dtype == np.float32
   assert all(p.dtype == np.float32 for p in jax.tree.leaves(states.params))
+
+
+def test_create_train_state_needs_a_rate_only_without_an_optimizer():
+  model = models.create_model('mlp', norm='batch', hidden=(4,))
+  tx = optim.make_optimizer('sgd', learning_rate=0.1)
+  state = train.create_train_state(model, jax.random.key(0), tx=tx)
+  assert float(state.opt_state.hyperparams['learning_rate']) == pytest.approx(0.1)
+  with pytest.raises(ValueError, match='needs learning_rate .* or tx'):
+    train.create_train_state(model, jax.random.key(0))
