@@ -87,8 +87,8 @@ def trained(arm, records, min_accuracy):
 
 def warmed(arm, records, statistics='ema'):
   """Gate: the running averages the finding's numbers use hold at most `WARM` of their
-  initial values (momentum^steps, largest over seeds). PreciseBN or bias-corrected numbers
-  (`statistics` 'precise' or 'corrected') do not depend on the initial values: 0."""
+  initial values (momentum^steps, largest over seeds). PreciseBN, bias-corrected or train-mode
+  numbers (`statistics` 'precise', 'corrected' or 'batch') do not depend on them: 0."""
   weight = 0.0 if statistics != 'ema' else max(
       (initial_weight(r['config'], r['steps']) for r in records), default=math.nan)
   return at_most(f'{arm} running averages warmed (momentum^steps)', weight, WARM)

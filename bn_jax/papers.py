@@ -25,7 +25,7 @@ MIN_TRAIN_ACCURACY = 0.5  # an arm below it did not train (chance is 0.1)
 def arm_gates(arm, records, statistics='ema', min_accuracy=MIN_TRAIN_ACCURACY):
   """The gates of one arm's runs: it trained (training accuracy >= `min_accuracy`), no seed
   diverged, and the running averages its numbers use were warmed (`statistics`: 'ema', or
-  'precise' / 'corrected', which do not depend on the initial values)."""
+  'precise' / 'corrected' / 'batch', which do not depend on the initial values)."""
   return [health.trained(arm, records, min_accuracy), health.no_divergence(arm, records),
           health.warmed(arm, records, statistics)]
 
