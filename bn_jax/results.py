@@ -201,15 +201,14 @@ def read_records(path):
   return records
 
 
-def _set_aside(path, bad):
-  """Moves unreadable lines of `path` to REJECTED beside it and re-writes `path` without
-  them (atomically); says so on the console."""
+def _set_aside(path, records, bad):
+  """Moves unreadable lines of `path` to REJECTED beside it and re-writes `path` with its
+  `records` only (atomically); says so on the console."""
   rejected = os.path.join(os.path.dirname(path), REJECTED)
   with open(rejected, 'a', encoding='utf-8') as f:
     f.write(''.join(text + '\n' for _, text, _ in bad))
     f.flush()
     os.fsync(f.fileno())
-  records, _ = scan_records(path)
   atomic_write(path, ''.join(json.dumps(r, allow_nan=True) + '\n' for r in records))
   for number, text, reason in bad:
     print(f'{path} line {number} is {reason} ({len(text)} characters): moved to {rejected}; '
@@ -272,7 +271,7 @@ class Workdir:
       return []
     records, bad = scan_records(self.results_path)
     if bad and is_writer():
-      _set_aside(self.results_path, bad)
+      _set_aside(self.results_path, records, bad)
     return records
 
   def supersede(self, records):
