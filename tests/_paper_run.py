@@ -1,0 +1,38 @@
+"""Runs a script of experiments/papers/ in quick mode twice (the second call must train
+nothing and write the same report) and returns its report.md; shared by the reproductions'
+end-to-end tests."""
+
+import os
+import subprocess
+import sys
+
+from _limits import HANG_SECONDS
+
+from bn_jax import papers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user runs
+VERDICTS = ('**reproduced**', '**not reproduced**', '**inconclusive**', '**invalid setup')
+
+
+def run_quick(tmp_path, script, *flags):
+  """`script`'s quick mode in tmp_path/run, run twice; returns (report text, verdict rows)."""
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'papers', f'{script}.py'),
+         f'--workdir={workdir}', '--config.quick=true', '--config.compilation_cache=false',
+         *flags]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, env=ENV,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = (workdir / 'report.md').read_text()
+  assert 'Data: `synthetic:' in report and papers.RULE in report
+  plots = [line[line.index('(') + 1:-1] for line in report.splitlines() if line.startswith('![')]
+  assert plots
+  for plot in plots:
+    assert (workdir / plot).read_bytes()[:4] == b'\x89PNG'
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, env=ENV,
+                         check=False)
+  assert again.returncode == 0 and 'training 0 runs' in again.stdout + again.stderr
+  assert (workdir / 'report.md').read_text() == report  # nothing retrained, same numbers
+  rows = [line for line in report.splitlines() if any(v in line for v in VERDICTS)]
+  return report, rows

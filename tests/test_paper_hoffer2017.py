@@ -1,0 +1,11 @@
+"""experiments/papers/hoffer2017.py end to end in quick mode."""
+
+import pytest
+
+from _paper_run import run_quick
+
+
+@pytest.mark.slow
+def test_quick_mode_end_to_end(tmp_path):
+  _, rows = run_quick(tmp_path, 'hoffer2017')
+  assert len(rows) == 2
