@@ -30,12 +30,15 @@ def arm_gates(arm, records, statistics='ema', min_accuracy=MIN_TRAIN_ACCURACY):
           health.warmed(arm, records, statistics)]
 
 
-def finding(name, setting, values, unit, paper='', ours='', gates=(), margin=None):
+def finding(name, setting, values, unit, paper='', ours='', gates=(), margin=None,
+            why_fair=''):
   """One report row: the paper's finding `name`, our `setting`, the per-seed effects `values`
   in `unit`, its `gates`, an equivalence `margin` (None: a direction finding), and optionally
-  the paper's own number beside ours. Verdicts come with the report (`markdown`)."""
+  the paper's own number beside ours. `why_fair`: one sentence on why our setting tests the
+  paper's claim, shown under the table when the verdict is "not reproduced". Verdicts come
+  with the report (`markdown`)."""
   return verdicts.finding(name, values, gates=gates, margin=margin, unit=unit,
-                          setting=setting, paper=paper, ours=ours)
+                          setting=setting, paper=paper, ours=ours, why_fair=why_fair)
 
 
 def _number(x):
@@ -63,6 +66,11 @@ def markdown(title, data, rows, notes=(), plots=(), details=''):
                  f"{len(r['gates'])} passed | **{r['verdict']}** | {r['paper']} | {r['ours']} |")
   lines += ['', f'Verdict rule: {RULE}.', '', 'Gates:']
   lines += [f"- {r['finding']}: {'; '.join(r['gates'])}." for r in rows] + ['']
+  refuted = [r for r in rows if r['verdict'] == WORDS['contradicted']]
+  if refuted:
+    lines += ['Why each "not reproduced" is a fair test:']
+    lines += [f"- {r['finding']}: {r.get('why_fair') or 'no reason given by the script.'}"
+              for r in refuted] + ['']
   if details:
     lines += [details, '']
   lines += [f'- {n}' for n in notes]

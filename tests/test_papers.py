@@ -50,3 +50,15 @@ def test_drift_is_zero_when_nothing_moves_and_matches_a_hand_computation():
   tracks[0, :, 0] = [0.0, 1.0, 4.0]  # unit 0 at the first point: median +1, width 4 vs 2
   # unit 0: (|1 - 0| + |4 - 2|) / 2 at one of 3 earlier points -> 1.5 / 3 = 0.5; unit 1: 0
   assert papers.drift(tracks) == pytest.approx(0.25)
+
+
+def test_a_not_reproduced_finding_says_why_its_test_is_fair():
+  against = papers.finding('BN helps', 's', [-1.0, -2.0, -1.5, -1.2], 'u',
+                           why_fair='both arms trained to the same accuracy')
+  passed = papers.finding('BN trains', 's', [1.0, 2.0, 1.5, 1.2], 'u', why_fair='unused')
+  text = papers.markdown('t', 'synthetic', [against, passed])
+  assert '**not reproduced**' in text and '**reproduced**' in text
+  section = text.split('Why each "not reproduced" is a fair test:')[1]
+  assert '- BN helps: both arms trained to the same accuracy' in section
+  assert 'unused' not in text  # only the refuted finding's sentence is shown
+  assert 'fair test' not in papers.markdown('t', 'synthetic', [passed])
