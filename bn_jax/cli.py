@@ -31,7 +31,8 @@ def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experimen
     main: the script's body.
     get_config: returns the script's default ConfigDict.
     presets: name -> function(config) that edits the config in place; applied when
-      `--config.<name>=true` (or the default is true), before the command-line overrides.
+      `--config.<name>=true` (or the default is true), before the command-line overrides; a
+      name 'key=value' (e.g. 'scale=paper') applies when the setting `key` is `value`.
     grid_keys: settings the script's grid sets for every run; setting one on the command
       line is an error rather than silently ignored.
     workdir: the default `--workdir`.
@@ -66,7 +67,9 @@ def resolve(config, overridden, presets):
   """`config` with the presets switched on (by default or on the command line) applied first,
   then the command-line overrides (a flat dict of dotted keys -> values)."""
   for name, preset in presets.items():
-    if overridden.get(name, config[name]):
+    key, _, value = name.partition('=')
+    now = overridden.get(key, config[key])
+    if (str(now) == value) if value else now:
       preset(config)
   for key, value in overridden.items():
     *parents, leaf = key.split('.')

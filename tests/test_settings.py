@@ -126,6 +126,20 @@ def test_presets_apply_before_command_line_overrides():
   assert (c.seeds, c.epochs, c.data) == (4, 3, 'real')  # no preset
 
 
+def test_a_valued_preset_applies_only_at_its_value():
+  def get_config():
+    return ml_collections.ConfigDict({'scale': 'default', 'epochs': 3, 'data': 'real'})
+
+  def paper(c):
+    c.update(epochs=160, data='cifar:x')
+
+  presets = {'scale=paper': paper}
+  assert cli.resolve(get_config(), {}, presets).epochs == 3
+  assert cli.resolve(get_config(), {'scale': 'other'}, presets).epochs == 3
+  c = cli.resolve(get_config(), {'scale': 'paper', 'epochs': 2}, presets)
+  assert (c.epochs, c.data) == (2, 'cifar:x')  # applied, then the flag wins
+
+
 def test_compilation_cache_path_is_the_setting_or_the_user_cache(monkeypatch, tmp_path):
   config = settings.base_config()
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
