@@ -266,6 +266,11 @@ def _check_reach(configs, num_train, num_devices):
          f'epoch ({num_train} training examples, batch {min(c.batch_size for c in configs)}): '
          f'at most {steps} validation points fit; pass --config.evals_per_epoch={steps} or '
          'fewer.')
+  for c, s in plans:
+    outside = [p for p in c.save_states_at if not 0 < p <= s.total_steps]
+    _check(not outside, f'save_states_at={tuple(c.save_states_at)}: step {outside[0] if outside else 0} is '
+           f'outside the run of {s.total_steps} steps ({c.model}/{c.norm} batch '
+           f'{c.batch_size}): list steps from 1 to {s.total_steps}.' if outside else '')
   stepped = [(c, s) for c, s in plans if c.lr_schedule == 'step']
   longest = max((s.total_steps / s.steps_per_epoch for _, s in stepped), default=0)
   for decay in sorted({e for c, _ in stepped for e in c.lr_decay_epochs}):

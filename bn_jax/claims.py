@@ -85,9 +85,10 @@ class Study:
     """The model of the configuration `overrides` describe."""
     return settings.make_model(settings.resolve(self.config, **overrides))
 
-  def variables(self, record):
-    """A run's final variables {'params', 'batch_stats'}."""
-    return results.load_state(self.workdir, record)
+  def variables(self, record, step=None):
+    """A run's final variables {'params', 'batch_stats'}, or those at one of its
+    `save_states_at` steps."""
+    return results.load_state(self.workdir, record, step)
 
 
 def final(records, name):

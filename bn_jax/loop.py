@@ -89,7 +89,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
         chunk_steps=0, evals_per_epoch=1, eval_batch_size=1000, progress=True, desc='train',
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
         should_stop=None, logger=None, precise_bn_examples=0, optimizer=None, augment='none',
-        loss_scale=False, bn_ema_bias_correction=None):
+        loss_scale=False, bn_ema_bias_correction=None, save_states_at=(), on_save=None):
   """Trains one configuration for every seed at once; returns (results per seed, states).
 
   Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
@@ -122,6 +122,12 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   `bn_ema_bias_correction` = BN's momentum m (None: off): `final` also holds
   `corrected_val_*` and `corrected_test_*` with the running averages bias-corrected for their
   initial values (`precise_bn.bias_corrected`, after t steps: mean / (1 - m^t)).
+  `save_states_at`: steps (from the start of training) where a chunk ends and the run is
+  measured: each result's `saved` lists, per step, train-mode loss/accuracy averaged over the
+  steps since the previous such step, and eval-mode val/test loss/accuracy; `on_save(step,
+  variables)` then gets the host copies of the seeds' stacked {'params', 'batch_stats'}. The
+  states there equal those of a run with `max_steps` at that step, bit for bit, when the rate
+  schedule does not depend on the run's length (constant, or decays at fixed epochs).
   `should_stop` (e.g. `interrupt.requested`) is asked at every chunk boundary before the last
   step: when it is true, fit saves a checkpoint and raises `interrupt.Interrupted`.
   With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
@@ -129,7 +135,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
   """
   data = data if isinstance(data, DeviceData) else DeviceData.put(data, runner)
   sched = Schedule(data.size('train'), batch_size, epochs, max_steps, chunk_steps,
-                   evals_per_epoch, runner.num_devices)
+                   evals_per_epoch, runner.num_devices, tuple(save_states_at))
   eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   seeds = list(seeds)
   programs = programs or compile_programs(model, data, sched, seeds=seeds,
@@ -147,24 +153,29 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
 
   n = len(seeds)
   history, curve, diverged_at = [[] for _ in seeds], [[] for _ in seeds], [None] * n
+  saved = [[] for _ in seeds]
   zero_sums = runner.put({key: np.zeros(n, np.float32) for key in ('loss', 'correct', 'count')})
   epoch_sums, step, start_epoch, start_offset = zero_sums, 0, 0, 0
+  since_sums = zero_sums  # train metrics since the last `save_states_at` step
   if checkpointer:  # resume from the newest good checkpoint, if any
-    restored = checkpointer.restore(
-        checkpoint.abstract({'states': states, 'epoch_sums': zero_sums}))
+    restored = checkpointer.restore(checkpoint.abstract(
+        {'states': states, 'epoch_sums': zero_sums, 'since_sums': zero_sums}))
     if restored:
       arrays, meta = restored
       states, epoch_sums = arrays['states'], arrays['epoch_sums']
+      since_sums = arrays['since_sums']
       step, start_epoch, start_offset = meta['step'], meta['epoch'], meta['epoch_step']
       history, curve, diverged_at = meta['history'], meta['curve'], meta['diverged_at']
+      saved = meta['saved']
   last_saved = step
   if logger:
     logger.start(step)
 
   def save(next_epoch, next_offset):  # where to go on: an epoch, a step within it
     meta = {'step': step, 'epoch': next_epoch, 'epoch_step': next_offset, 'history': history,
-            'curve': curve, 'diverged_at': diverged_at}
-    checkpointer.save(step, {'states': states, 'epoch_sums': epoch_sums}, meta)
+            'curve': curve, 'diverged_at': diverged_at, 'saved': saved}
+    checkpointer.save(step, {'states': states, 'epoch_sums': epoch_sums,
+                             'since_sums': since_sums}, meta)
     return step
 
   bar = tqdm(total=sched.total_steps, initial=step, desc=desc, leave=False,
@@ -189,8 +200,15 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
       for begin, end in sched.chunks(epoch, first):
         states, sums = runner.train_chunks(states, data.arrays, order, rngs, begin, end)
         epoch_sums = jax.tree.map(jnp.add, epoch_sums, sums)
+        since_sums = jax.tree.map(jnp.add, since_sums, sums)
         bar.update(epoch_start + end - step)
         step = epoch_start + end
+        if step in sched.stops:
+          _save_point(step, sched, means(runner.get(since_sums)), evaluate_split, saved)
+          if on_save:
+            on_save(step, runner.get({'params': states.params,
+                                      'batch_stats': states.batch_stats}))
+          since_sums = zero_sums
         # One host sync per chunk: the divergence check on the chunk's mean loss.
         chunk = runner.get({'loss': sums['loss'], 'count': sums['count']})
         mean_loss = chunk['loss'] / np.maximum(chunk['count'], 1.0)
@@ -264,11 +282,24 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
         final.update({f'{name}_{split}_loss': float(metrics['loss'][s]),
                       f'{name}_{split}_accuracy': float(metrics['accuracy'][s])})
     results.append({'seed': seed, 'history': history[s], 'curve': curve[s], 'final': final,
+                    'saved': saved[s],
                     'status': 'diverged' if diverged_at[s] else 'ok',
                     'diverged_at': diverged_at[s], 'steps': step,
                     'steps_per_epoch': sched.steps_per_epoch,
                     'compile_seconds': programs.compile_seconds})
   return results, runner.get(states)
+
+
+def _save_point(step, sched, train, evaluate_split, saved):
+  """Appends the metrics of a `save_states_at` step to each seed's `saved` list."""
+  val, test = evaluate_split('val'), evaluate_split('test')
+  for s, points in enumerate(saved):
+    points.append({'step': step, 'examples': sched.examples_after(step),
+                   'train_loss': float(train['loss'][s]),
+                   'train_accuracy': float(train['accuracy'][s]),
+                   'val_loss': float(val['loss'][s]), 'val_accuracy': float(val['accuracy'][s]),
+                   'test_loss': float(test['loss'][s]),
+                   'test_accuracy': float(test['accuracy'][s])})
 
 
 class _EpochLog:

@@ -95,6 +95,7 @@ def make_record(*, experiment, config, identity, seed_result, code, wall_seconds
       'history': r['history'],
       'final': r['final'],
       'curve': r['curve'],  # validation at every eval point, with steps and examples
+    'saved': r['saved'],  # metrics at the `save_states_at` steps
       'steps': r['steps'],
       # Seeds of a configuration train together; these are their shared seconds.
       'wall_seconds': wall_seconds,
@@ -286,11 +287,11 @@ class Workdir:
   def checkpoint_dir(self, name):
     return os.path.join(self.path, 'checkpoints', name)
 
-  def state_path(self, key, seed):
-    return state_path(self.path, key, seed)
+  def state_path(self, key, seed, step=None):
+    return state_path(self.path, key, seed, step)
 
-  def save_state(self, key, seed, variables):
-    atomic_write(self.state_path(key, seed), flax.serialization.msgpack_serialize(
+  def save_state(self, key, seed, variables, step=None):
+    atomic_write(self.state_path(key, seed, step), flax.serialization.msgpack_serialize(
         jax.device_get(variables)))
 
 
@@ -344,12 +345,15 @@ def check_lock(workdir):
                        'every process using it, then rerun (recorded runs are kept).')
 
 
-def state_path(workdir, key, seed):
-  """Where a run's final variables (params, batch_stats) are kept when a sweep saves them."""
-  return os.path.join(os.path.abspath(workdir), 'states', key, f'seed_{seed}.msgpack')
+def state_path(workdir, key, seed, step=None):
+  """Where a run's final variables (params, batch_stats), or those at a `save_states_at`
+  `step`, are kept when a sweep saves them."""
+  name = f'seed_{seed}.msgpack' if step is None else f'seed_{seed}.step_{step}.msgpack'
+  return os.path.join(os.path.abspath(workdir), 'states', key, name)
 
 
-def load_state(workdir, record):
-  """The final variables {'params', 'batch_stats'} of a recorded run (sweep `save_states`)."""
-  with open(state_path(workdir, record['run_key'], record['seed']), 'rb') as f:
+def load_state(workdir, record, step=None):
+  """The final variables {'params', 'batch_stats'} of a recorded run (sweep `save_states`),
+  or those at one of its `save_states_at` steps."""
+  with open(state_path(workdir, record['run_key'], record['seed'], step), 'rb') as f:
     return flax.serialization.msgpack_restore(f.read())

@@ -19,6 +19,8 @@ class Schedule:
   Chunks: each runs from the current step to min(current + K, the next eval point), so every
   eval point ends a chunk; K is `chunk_steps`, by default the longest gap between eval points.
   One compiled program runs chunks of every length (`train.train_chunk`).
+  `stops`: further steps (counted from the start of training) where a chunk must end, e.g.
+  where `loop.fit` keeps the state (`save_states_at`); they add no eval point.
   """
   num_examples: int
   batch_size: int
@@ -27,6 +29,7 @@ class Schedule:
   chunk_steps: int = 0  # K, steps per dispatched program (0: the longest eval interval)
   evals_per_epoch: int = 1
   num_devices: int = 1  # several: the last partial batch is dropped (see README)
+  stops: tuple = ()
 
   def __post_init__(self):
     if not 0 < self.batch_size <= self.num_examples:
@@ -80,9 +83,11 @@ class Schedule:
 
   def chunks(self, epoch, start=0):
     """`epoch`'s chunks from step `start` on, as (start, end) steps within the epoch: each
-    ends at min(start + K, the next eval point)."""
+    ends at min(start + K, the next eval point or stop)."""
+    first, stop = epoch * self.steps_per_epoch, self.epoch_stop(epoch)
+    stops = {s - first for s in self.stops if 0 < s - first < stop}
     bounds = []
-    for point in self.epoch_eval_steps(epoch):
+    for point in sorted(set(self.epoch_eval_steps(epoch)) | stops):
       while start < point:
         bounds.append((start, min(start + self.k, point)))
         start = bounds[-1][1]

@@ -55,9 +55,11 @@ def base_config():
   c.renorm_warmup_steps = 5000
   c.renorm_rmax_steps = 40000
   c.renorm_dmax_steps = 25000
-  # noisy_batch (Santurkar et al. 2018): BN, then per step and channel x * U(1, 1 + bn_noise)
-  # + U(-bn_noise, bn_noise) in training.
-  c.bn_noise = 1.0
+  # noisy_batch (Santurkar et al. 2018, Appendix A): BN, then in training per step and channel
+  # x * U(1, 1 + bn_noise / 2) + U(-bn_noise, bn_noise), each with a per-activation jitter of
+  # U(-bn_noise / 10, bn_noise / 10); in evaluation the noise's mean, x * (1 + bn_noise / 4).
+  # 0.5: the paper's scale U(1, 1.25) and shift U(-0.5, 0.5) (eval scale 1.125).
+  c.bn_noise = 0.5
   # Where BN's training statistics come from: 'sync' = the whole (global) batch; 'local' = each
   # device's part; 'ghost' = groups of bn_group_size examples (ghost BN), separating the
   # statistics batch from the optimizer's batch.
@@ -105,6 +107,9 @@ def base_config():
   # Also evaluate with the running averages bias-corrected for their initial 0/1 (divided by
   # 1 - momentum^steps, as Adam does): `final['corrected_val_accuracy']` etc.
   c.bn_ema_bias_correction = False
+  # Steps (from the start) where a run is measured and, in a study, keeps its state: records
+  # gain `saved` (train/val/test metrics per step); one run gives a whole budget curve.
+  c.save_states_at = ()
   c.eval_batch_size = 1000
   c.progress = True
   c.tensorboard = True  # event files in WORKDIR/tensorboard/<run key>/seed_<s>/
@@ -175,6 +180,8 @@ def identity(config, num_devices=1, data_content=None):
     run['weight_decay_norms_and_biases'] = c.weight_decay_norms_and_biases
   if c.warmup_epochs:
     run['warmup_epochs'] = c.warmup_epochs
+  if c.save_states_at:  # what the records hold (non-default values only, as above)
+    run['save_states_at'] = list(c.save_states_at)
   if c.lr_schedule == 'step':
     run.update(lr_decay_epochs=list(c.lr_decay_epochs), lr_decay_factor=c.lr_decay_factor)
   if c.norm != 'none':
@@ -248,6 +255,7 @@ def fit_args(config):
               evals_per_epoch=c.evals_per_epoch, eval_batch_size=c.eval_batch_size,
               progress=c.progress, precise_bn_examples=c.precise_bn_examples,
               augment=c.augment, loss_scale=loss_scale(c),
+              save_states_at=tuple(c.save_states_at),
               bn_ema_bias_correction=(c.bn_momentum if c.bn_ema_bias_correction and
                                       c.norm in RUNNING_STATS else None))
 

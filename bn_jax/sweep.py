@@ -149,7 +149,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
           settings.make_model(c, data_parallel), device_data, seeds=seeds,
           programs=programs.result(), runner=runner, checkpointer=checkpointer,
           desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
-          logger=logger, **settings.fit_args(c))
+          logger=logger, on_save=_state_saver(work, key, seeds) if save_states else None,
+          **settings.fit_args(c))
       wall = time.perf_counter() - t0
     except BaseException:
       stop.set()  # the configurations not started yet are skipped
@@ -194,6 +195,18 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     key = results.run_key(settings.identity(c, runner.num_devices, dataset.fingerprint))
     out += [every[key, s] for s in settings.seed_list(c)]
   return out
+
+
+def _state_saver(work, key, seeds):
+  """`fit`'s `on_save`: keeps every seed's variables at a `save_states_at` step (the states
+  are written before the checkpoint that passes them, so a resumed run has them all)."""
+  if not work or not results.is_writer():
+    return None
+
+  def save(step, variables):
+    for i, seed in enumerate(seeds):
+      work.save_state(key, seed, jax.tree.map(lambda x: x[i], variables), step)
+  return save
 
 
 def _say_warnings(c, records):
@@ -249,7 +262,9 @@ def _reusable(work, runs, code, on_code_change, save_states):
     print(f're-using {len(stale)} finished runs made by other code (on_code_change=reuse); '
           'their records name their code.')
   if save_states:
-    lost = [k for k in wanted if not os.path.exists(work.state_path(*k))]
+    lost = [(key, s, step) for (key, s), r in wanted.items()
+            for step in [None] + [p['step'] for p in r.get('saved', [])]
+            if not os.path.exists(work.state_path(key, s, step))]
     if lost:
       raise settings.ConfigError(
           f'{len(lost)} finished runs in {work.results_path} have no saved final state (e.g. '

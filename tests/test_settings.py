@@ -99,11 +99,12 @@ def test_config_sets_the_layers_of_either_model():
 
 def test_fit_args_carry_every_loop_setting():
   config = settings.resolve(settings.base_config(), chunk_steps=3, eval_batch_size=7,
-                            max_steps=11, evals_per_epoch=2, progress=False)
+                            max_steps=11, evals_per_epoch=2, progress=False,
+                            save_states_at=(4, 8))
   assert settings.fit_args(config) == dict(
       learning_rate=1e-3, batch_size=32, epochs=5, max_steps=11, chunk_steps=3,
       evals_per_epoch=2, eval_batch_size=7, progress=False, precise_bn_examples=0,
-      augment='none', loss_scale=False, bn_ema_bias_correction=None)
+      augment='none', loss_scale=False, bn_ema_bias_correction=None, save_states_at=(4, 8))
   for dtype, scaled in (('bfloat16', False), ('float16', True)):
     half = settings.resolve(config, half_precision=True, half_precision_dtype=dtype)
     assert settings.fit_args(half)['loss_scale'] is scaled
