@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bn_jax import loop
 from bn_jax import precise_bn
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
+from bn_jax import train
 
 def layer_grad_norms(apply_fn, variables, images, labels):
   """L2 norm of the loss gradient of each Conv / Dense kernel, input layer first (BN in train
@@ -84,6 +86,14 @@ class Study:
   def model(self, **overrides):
     """The model of the configuration `overrides` describe."""
     return settings.make_model(settings.resolve(self.config, **overrides))
+
+  def initial_variables(self, record, **overrides):
+    """The variables a run started from (step 0): its seed's init under the configuration
+    `overrides` describe (the same numbers `loop.fit` starts from)."""
+    keys = loop.seed_keys([record['seed']])[:, 0]
+    model = self.model(**overrides)
+    stacked = train.init_variables(model, keys, (1,) + self.dataset.image_shape)
+    return jax.tree.map(lambda x: np.asarray(x[0]), stacked)
 
   def variables(self, record, step=None):
     """A run's final variables {'params', 'batch_stats'}, or those at one of its

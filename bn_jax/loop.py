@@ -53,7 +53,7 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   """
   t0 = time.perf_counter()
   eval_batch_size = _eval_batch_size(eval_batch_size, runner)
-  keys = _seed_keys(seeds)
+  keys = seed_keys(seeds)
   rows = runner.abstract(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32,
                          split_last=True)
   # A model's init and eval programs serve all its configurations: one thread compiles them,
@@ -143,7 +143,7 @@ def fit(model, data, *, seeds=(0,), learning_rate=1e-3, batch_size=32, epochs=5,
                                           eval_batch_size=eval_batch_size, runner=runner,
                                           optimizer=optimizer, augment=augment,
                                           loss_scale=loss_scale)
-  states, rngs = programs.states, runner.put(_seed_keys(seeds)[:, 1])
+  states, rngs = programs.states, runner.put(seed_keys(seeds)[:, 1])
   # Metrics over a whole split of `st`, by default the current `states` (read when called).
   evaluate_split = lambda split, st=None: means(runner.get(functools.reduce(
       lambda a, b: jax.tree.map(jnp.add, a, b),
@@ -339,8 +339,8 @@ def _stop(checkpointer, step, last_saved, save):
   raise interrupt.Interrupted(step, interrupt.signum())
 
 
-def _seed_keys(seeds):
-  """Per seed: (init key, dropout key)."""
+def seed_keys(seeds):
+  """Per seed: (init key, dropout key); (seeds, 2) keys."""
   return jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(list(seeds)))
 
 

@@ -102,13 +102,13 @@ def percentiles(model, variables, images, layer=-1, q=(15, 50, 85)):
   return np.percentile(np.asarray(preactivations(model, variables, images, layer)), q, axis=0)
 
 
-def drift(tracks):
+def drift(tracks, relative=True):
   """How far a distribution moves before it settles, from percentile tracks (checkpoints, 3,
   units) of the 15th / 50th / 85th percentiles, the last checkpoint the reference: per unit,
-  the mean over earlier checkpoints of (|median - final median| + |width - final width|) /
-  final width, width = 85th - 15th percentile; averaged over units. 0 = no movement; scale
-  free, so BN and no-BN inputs compare."""
+  the mean over earlier checkpoints of |median - final median| + |width - final width|, width
+  = 85th - 15th percentile, divided by the final width when `relative` (scale free, so BN and
+  no-BN inputs compare); averaged over units. 0 = no movement."""
   tracks = np.asarray(tracks, float)
   median, width = tracks[:, 1], tracks[:, 2] - tracks[:, 0]
-  moved = np.abs(median[:-1] - median[-1]) + np.abs(width[:-1] - width[-1])
-  return float(np.mean(moved.mean(0) / np.maximum(width[-1], 1e-12)))
+  moved = (np.abs(median[:-1] - median[-1]) + np.abs(width[:-1] - width[-1])).mean(0)
+  return float(np.mean(moved / np.maximum(width[-1], 1e-12) if relative else moved))

@@ -50,6 +50,8 @@ def test_drift_is_zero_when_nothing_moves_and_matches_a_hand_computation():
   tracks[0, :, 0] = [0.0, 1.0, 4.0]  # unit 0 at the first point: median +1, width 4 vs 2
   # unit 0: (|1 - 0| + |4 - 2|) / 2 at one of 3 earlier points -> 1.5 / 3 = 0.5; unit 1: 0
   assert papers.drift(tracks) == pytest.approx(0.25)
+  # absolute: unit 0 moved (1 + 2) / 3 = 1 on average, unit 1 nothing -> 0.5
+  assert papers.drift(tracks, relative=False) == pytest.approx(0.5)
 
 
 def test_a_not_reproduced_finding_says_why_its_test_is_fair():

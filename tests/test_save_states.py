@@ -12,6 +12,7 @@ from bn_jax import loop
 from bn_jax import models
 from bn_jax import settings
 from bn_jax import sweep
+from bn_jax import train
 
 
 def _fit(dataset, **kwargs):
@@ -97,3 +98,18 @@ def test_a_step_outside_the_run_is_refused_before_training(tmp_path, small_datas
   with pytest.raises(settings.ConfigError, match=r'save_states_at=\(5, 11\).*1 to 10'):
     sweep.sweep(config, small_dataset, [{'save_states_at': (5, 11)}], experiment='t',
                 workdir=str(tmp_path / 'w'))
+
+
+def test_initial_variables_are_those_a_run_starts_from(tmp_path, small_dataset):
+  config = settings.resolve(settings.base_config(), hidden=(16,), seeds=1, first_seed=3)
+  study = claims.Study(config, small_dataset, str(tmp_path))
+  start = study.initial_variables({'seed': 3}, norm='batch')
+  model = study.model(norm='batch')
+  sched = loop.Schedule(300, 32, 1)
+  states = loop.compile_programs(model, train.DeviceData.put(small_dataset), sched, seeds=[3],
+                                 learning_rate=1e-3).states
+  jax.tree.map(np.testing.assert_array_equal, start['params'],
+               jax.tree.map(lambda x: x[0], states.params))
+  other = study.initial_variables({'seed': 4}, norm='batch')
+  assert not np.array_equal(other['params']['Dense_0']['kernel'],
+                            start['params']['Dense_0']['kernel'])
