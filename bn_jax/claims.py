@@ -80,8 +80,12 @@ class Study:
     entry, its records (seeds in order)."""
     records = sweep.sweep(self.config, self.dataset, grid, experiment=self.experiment,
                           workdir=self.workdir, save_states=True)
-    n = self.config.seeds
-    return [records[i * n:(i + 1) * n] for i in range(len(grid))]
+    out = []
+    for overrides in grid:  # an entry may set its own `seeds`
+      n = overrides.get('seeds', self.config.seeds)
+      out.append(records[:n])
+      records = records[n:]
+    return out
 
   def model(self, **overrides):
     """The model of the configuration `overrides` describe."""
