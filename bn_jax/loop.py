@@ -18,7 +18,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bn_jax import checkpoint
+from bn_jax import code_version
 from bn_jax import interrupt
+from bn_jax import optim
 from bn_jax import precise_bn
 from bn_jax.schedule import Schedule
 from bn_jax.train import DeviceData
@@ -28,7 +30,9 @@ from bn_jax.train import epoch_order
 from bn_jax.train import host_inputs
 from bn_jax.train import index_rows
 from bn_jax.train import init_states
+from bn_jax.train import init_variables
 from bn_jax.train import means
+from bn_jax.train import states_of
 from bn_jax.train import without_optimizer
 
 # A seed has diverged at the first chunk whose mean training loss (loss sum / count over the
@@ -39,9 +43,11 @@ DIVERGENCE_LOSS = 100 * math.log(10)
 
 @dataclasses.dataclass
 class Programs:
-  """A configuration's initial states (seeds stacked) after compiling its programs."""
+  """A configuration's initial states (seeds stacked) after compiling its programs, and their
+  fingerprint (`code_version.programs_fingerprint`)."""
   states: TrainState
   compile_seconds: float
+  fingerprint: str = ''
 
 
 def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000,
@@ -52,8 +58,27 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   calls this for all its configurations at once from a thread pool.
   """
   t0 = time.perf_counter()
+  states, lowered = lower_programs(model, data, schedule, seeds=seeds,
+                                   learning_rate=learning_rate, eval_batch_size=eval_batch_size,
+                                   runner=runner, optimizer=optimizer, augment=augment,
+                                   loss_scale=loss_scale, compile_eval=True)
+  lowered[-1].compile()
+  return Programs(states, time.perf_counter() - t0, code_version.programs_fingerprint(lowered))
+
+
+def program_fingerprint(model, data, schedule, **kwargs):
+  """The fingerprint `compile_programs` gives these programs, without compiling them."""
+  return code_version.programs_fingerprint(lower_programs(model, data, schedule, **kwargs)[1])
+
+
+def lower_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_size=1000,
+                   runner=ONE_DEVICE, optimizer=None, augment='none', loss_scale=False,
+                   compile_eval=False):
+  """The initial states and the lowered init, eval and train-chunk programs."""
   eval_batch_size = _eval_batch_size(eval_batch_size, runner)
   keys = seed_keys(seeds)
+  tx = optimizer or optim.make_optimizer('adam', learning_rate=float(learning_rate))
+  shape = (1,) + data.image_shape
   rows = runner.abstract(_eval_blocks(data, 'val', eval_batch_size).shape[1:], jnp.int32,
                          split_last=True)
   # A model's init and eval programs serve all its configurations: one thread compiles them,
@@ -62,15 +87,20 @@ def compile_programs(model, data, schedule, *, seeds, learning_rate, eval_batch_
   # a truncated cache entry).
   model, lock = _shared_model(model)
   with lock:
-    states = runner.put(jax.device_get(init_states(
-        model, keys[:, 0], learning_rate, (1,) + data.image_shape, optimizer, augment,
-        loss_scale)))
-    runner.evaluate.lower(without_optimizer(states), data.arrays, rows).compile()
+    variables = init_variables(model, keys[:, 0], shape)
+    lowered = [init_variables.lower(model, keys[:, 0], shape),
+               states_of.lower(model, variables, tx, augment, bool(loss_scale))]
+    states = runner.put(jax.device_get(init_states(model, keys[:, 0], learning_rate, shape,
+                                                   tx, augment, loss_scale)))
+    lowered.append(runner.evaluate.lower(without_optimizer(states), data.arrays, rows))
+    if compile_eval:
+      lowered[-1].compile()
   order = runner.abstract(
       (len(seeds), schedule.steps_per_epoch, schedule.batch_size), jnp.int32,
       split_last=True)
-  runner.train_chunks.lower(states, data.arrays, order, runner.put(keys[:, 1]), 0, 0).compile()
-  return Programs(states, time.perf_counter() - t0)
+  lowered.append(runner.train_chunks.lower(states, data.arrays, order,
+                                           runner.put(keys[:, 1]), 0, 0))
+  return states, lowered
 
 
 _MODELS, _MODELS_GUARD = {}, threading.Lock()

@@ -1,23 +1,21 @@
-"""Result records on disk: the record layout, run keys and code versions, the workdir,
+"""Result records on disk: the record layout, run keys, the workdir,
 `results.jsonl` (whole lines only), final states and atomic files.
 
 Only process 0 writes when several hosts train together. A run's key is a hash of its identity
 (`settings.identity`); with the seed it names one record, and the record carries the code
-version that made it, so a finished run is found again and never mistaken for another code's.
+version that made it (`bn_jax.code_version`), so a finished run is found again and never
+mistaken for another code's.
 """
 
 import datetime
 import atexit
 import fcntl
-import functools
-import glob
 import hashlib
 import json
 import os
 import platform
 import socket
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -28,8 +26,6 @@ import optax
 from bn_jax import errors
 from bn_jax import health
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
 
 def is_writer():
   """Only process 0 writes results, plots and logs when several hosts train together."""
@@ -39,37 +35,6 @@ def is_writer():
 def run_key(identity):
   """A stable id of one configuration (all its seeds): a hash of its identity dict."""
   return hashlib.sha1(json.dumps(jsonable(identity), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def code_version(script=None):
-  """The code a run is made with: a hash of the bn_jax sources and the script (`sources`,
-  what decides whether a finished run can be re-used), and the git commit and dirty flag of
-  the checkout when there is one (for the record). Read once per process: the code that runs
-  is the code that was loaded, even if the files are edited while a study runs."""
-  script = script if script is not None else getattr(sys.modules['__main__'], '__file__', '')
-  return _code_version(os.path.abspath(script) if script else '')
-
-
-@functools.lru_cache(maxsize=None)
-def _code_version(script):
-  digest = hashlib.sha256()
-  files = sorted(glob.glob(os.path.join(PACKAGE_DIR, '*.py')))
-  if script and os.path.isfile(script):
-    files.append(script)
-  for path in files:
-    with open(path, 'rb') as f:
-      digest.update(os.path.basename(path).encode() + b'\0' + f.read() + b'\0')
-  version = {'sources': digest.hexdigest()[:16],
-             'script': os.path.basename(script) if script else '', 'commit': None,
-             'dirty': None}
-  try:
-    git = lambda *a: subprocess.run(['git', '-C', PACKAGE_DIR, *a], capture_output=True,
-                                    text=True, timeout=10, check=True).stdout.strip()
-    version['commit'] = git('rev-parse', 'HEAD')
-    version['dirty'] = bool(git('status', '--porcelain', '--untracked-files=no'))
-  except (OSError, subprocess.SubprocessError):
-    pass  # not a git checkout (an installed copy): the sources hash still names the code
-  return version
 
 
 def versions():

@@ -12,6 +12,7 @@ numbers depend on training together) and records the missing ones.
 
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import jax
 
 from bn_jax import checkpoint
 from bn_jax import checks
+from bn_jax import code_version
 from bn_jax import data
 from bn_jax import interrupt
 from bn_jax import loop
@@ -98,7 +100,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
           f'{dataset.standardize}: it is a data setting, one per sweep; set '
           '--config.standardize (sweep.load_data loads the data with it), not a grid entry.')
   checks.check_sweep(configs, dataset, runner.num_devices, workdir)
-  code = results.code_version(script)
+  code = code_version.version(script)
   work = (results.Workdir(workdir, experiment, resume=config.resume, overwrite=config.overwrite)
           if workdir else None)
   runs = {}  # run key -> [config, identity, seeds]: a grid may name one configuration twice
@@ -106,7 +108,11 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
     runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(
         settings.seed_list(c))
-  finished = _reusable(work, runs, code, config.on_code_change, save_states)
+  device_data = train.DeviceData.put(dataset, runner)
+  fingerprint = functools.lru_cache(maxsize=None)(  # (run key, seeds trained together) -> str
+      lambda key, n: loop.program_fingerprint(**_programs_of(runs[key][0], device_data, runner),
+                                              seeds=list(range(n))))
+  finished = _reusable(work, runs, code, config.on_code_change, save_states, fingerprint)
   todo = []  # (key, config, identity, seeds to train, seeds to record)
   for key, (c, identity, seeds) in runs.items():
     new = sorted(s for s in seeds if (key, s) not in finished)
@@ -117,20 +123,13 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     print(f'{workdir}: {total - missing} of {total} runs finished before; training {missing} '
           f'runs in {len(todo)} configurations.', flush=True)
 
-  device_data = train.DeviceData.put(dataset, runner)
   data_parallel = isinstance(runner, parallel.DataParallel)
   devices = {'platform': jax.default_backend(), 'count': runner.num_devices,
              'processes': jax.process_count(),
              'concurrent_runs': concurrent_runs(config, runner, len(todo))}
 
   def compile_one(c, seeds):
-    schedule = loop.Schedule(device_data.size('train'), c.batch_size, c.epochs, c.max_steps,
-                             c.chunk_steps, c.evals_per_epoch, runner.num_devices)
-    return loop.compile_programs(
-        settings.make_model(c, data_parallel), device_data, schedule, seeds=seeds,
-        learning_rate=c.learning_rate, eval_batch_size=c.eval_batch_size, runner=runner,
-        optimizer=settings.make_optimizer(c, schedule.steps_per_epoch, schedule.total_steps),
-        augment=c.augment, loss_scale=settings.loss_scale(c))
+    return loop.compile_programs(**_programs_of(c, device_data, runner), seeds=seeds)
 
   lock, stop = threading.Lock(), threading.Event()
 
@@ -141,13 +140,15 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
       stop.set()
       raise interrupt.Interrupted(None, interrupt.signum())
     try:
-      checkpointer = _checkpointer(work, key, code, seeds, c) if work else None
+      programs = programs.result()
+      checkpointer = (_checkpointer(work, key, code, seeds, c, programs.fingerprint)
+                      if work else None)
       logger = (summaries.RunSummaries(work.path, key, seeds, identity)
                 if work and c.tensorboard else None)
       t0 = time.perf_counter()
       seed_results, states = loop.fit(
           settings.make_model(c, data_parallel), device_data, seeds=seeds,
-          programs=programs.result(), runner=runner, checkpointer=checkpointer,
+          programs=programs, runner=runner, checkpointer=checkpointer,
           desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
           logger=logger, on_save=_state_saver(work, key, seeds) if save_states else None,
           **settings.fit_args(c))
@@ -155,8 +156,9 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     except BaseException:
       stop.set()  # the configurations not started yet are skipped
       raise
+    made_by = {**code, 'programs': programs.fingerprint, 'program_seeds': len(seeds)}
     records = [results.make_record(experiment=experiment, config=c, identity=identity,
-                                   seed_result=r, code=code, wall_seconds=wall,
+                                   seed_result=r, code=made_by, wall_seconds=wall,
                                    devices=devices) for r in seed_results if r['seed'] in new]
     with lock:
       if work:
@@ -209,6 +211,18 @@ def _state_saver(work, key, seeds):
   return save
 
 
+def _programs_of(c, device_data, runner):
+  """`loop.compile_programs`' arguments but the seeds for configuration `c`."""
+  schedule = loop.Schedule(device_data.size('train'), c.batch_size, c.epochs, c.max_steps,
+                           c.chunk_steps, c.evals_per_epoch, runner.num_devices)
+  return dict(
+      model=settings.make_model(c, isinstance(runner, parallel.DataParallel)),
+      data=device_data, schedule=schedule, learning_rate=c.learning_rate,
+      eval_batch_size=c.eval_batch_size, runner=runner,
+      optimizer=settings.make_optimizer(c, schedule.steps_per_epoch, schedule.total_steps),
+      augment=c.augment, loss_scale=settings.loss_scale(c))
+
+
 def _say_warnings(c, records):
   """The warnings of a configuration's runs, once on the console (process 0)."""
   said = {}
@@ -239,28 +253,30 @@ def run(config, dataset, *, experiment, runner=None, **overrides):
   return sweep(config, dataset, [overrides], experiment=experiment, runner=runner)
 
 
-def _reusable(work, runs, code, on_code_change, save_states):
+def _reusable(work, runs, code, on_code_change, save_states, fingerprint):
   """The finished runs this sweep can use, by (run key, seed); applies `on_code_change` to
-  those made by other code."""
+  those made by code that gives other numbers (`code_version.same_numbers`; `fingerprint(key,
+  seeds trained together)` gives a configuration's programs fingerprint today)."""
   if not work:
     return {}
   wanted = {(key, s): work.finished[key, s] for key, (_, _, seeds) in runs.items()
             for s in seeds if (key, s) in work.finished}
-  stale = [r for r in wanted.values() if r['code']['sources'] != code['sources']]
+  stale = [r for r in wanted.values() if not code_version.same_numbers(
+      r['code'], code, functools.partial(fingerprint, r['run_key']))]
   if stale and on_code_change == 'refuse':
     raise settings.ConfigError(
-        f'{len(stale)} finished runs in {work.results_path} were made by other code (sources '
-        f'{stale[0]["code"]["sources"]}, commit {stale[0]["code"]["commit"]}; now '
-        f'{code["sources"]}): pass --config.on_code_change=retrain to train them again with '
-        'this code, --config.on_code_change=reuse to use them as they are, or use another '
-        '--workdir.')
+        f'{len(stale)} finished runs in {work.results_path} were made by code that gives '
+        f'other numbers (their programs or host code differ from today\'s; commit '
+        f'{stale[0]["code"]["commit"]}): pass --config.on_code_change=retrain to train them '
+        'again with this code, --config.on_code_change=reuse to use them as they are, or use '
+        'another --workdir.')
   if stale and on_code_change == 'retrain':
     work.supersede(stale)
     for r in stale:
       del wanted[r['run_key'], r['seed']]
   elif stale and results.is_writer():
-    print(f're-using {len(stale)} finished runs made by other code (on_code_change=reuse); '
-          'their records name their code.')
+    print(f're-using {len(stale)} finished runs made by code that gives other numbers '
+          '(on_code_change=reuse); their records name their code.')
   if save_states:
     lost = [(key, s, step) for (key, s), r in wanted.items()
             for step in [None] + [p['step'] for p in r.get('saved', [])]
@@ -274,42 +290,54 @@ def _reusable(work, runs, code, on_code_change, save_states):
 
 
 def _checkpoint_name(key, code, seeds):
-  """`<run key>-<tag>`, the tag a hash of the code and the seeds trained together."""
-  tag = hashlib.sha1(f'{code["sources"]} {list(seeds)}'.encode()).hexdigest()[:8]
+  """`<run key>-<tag>`, the tag a hash of the host code and the seeds trained together (the
+  directory's RUN_FILE names its programs)."""
+  tag = hashlib.sha1(f'{code["host"]} {list(seeds)}'.encode()).hexdigest()[:8]
   return f'{key}-{tag}'
 
 
-RUN_FILE = 'seeds.json'  # in a run's checkpoint directory: the seeds it trains together
+# In a run's checkpoint directory: the seeds it trains together, and its programs' fingerprint.
+RUN_FILE = 'seeds.json'
 
 
 def _seeds_to_train(work, key, code, new):
-  """The seeds to train for the unrecorded seeds `new`: those of a checkpoint of this code
-  that holds them all (a kill after some of its seeds were recorded), else `new` itself."""
+  """The seeds to train for the unrecorded seeds `new`: those of a checkpoint of this host code
+  that holds them all (a kill after some of its seeds were recorded), else `new` itself (a
+  checkpoint of other programs is discarded when training starts, `_checkpointer`)."""
   parent = os.path.join(work.path, 'checkpoints') if work else ''
   for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
-    try:
-      with open(os.path.join(parent, name, RUN_FILE), encoding='utf-8') as f:
-        seeds = json.load(f)['seeds']
-    except (OSError, ValueError, KeyError, TypeError):
-      continue
-    if name == _checkpoint_name(key, code, seeds) and set(new) <= set(seeds):
+    seeds = _run_file(os.path.join(parent, name)).get('seeds')
+    if isinstance(seeds, list) and name == _checkpoint_name(key, code, seeds) and \
+       set(new) <= set(seeds):
       return seeds
   return new
 
 
-def _checkpointer(work, key, code, seeds, c):
-  """The run's checkpoints: `checkpoints/<key>-<tag>`, the tag naming the code and seeds, so a
-  checkpoint of other code or other seeds is never resumed (it is deleted instead)."""
+def _run_file(directory):
+  """A checkpoint directory's RUN_FILE ({} when missing or unreadable)."""
+  try:
+    with open(os.path.join(directory, RUN_FILE), encoding='utf-8') as f:
+      found = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return found if isinstance(found, dict) else {}
+
+
+def _checkpointer(work, key, code, seeds, c, programs):
+  """The run's checkpoints: `checkpoints/<key>-<tag>`, the tag naming the host code and seeds
+  and its RUN_FILE the `programs` fingerprint, so a checkpoint of code that gives other numbers
+  or of other seeds is never resumed (it is deleted instead)."""
   name = _checkpoint_name(key, code, seeds)
   parent = os.path.dirname(work.checkpoint_dir(name))
   if os.path.isdir(parent) and results.is_writer():
     for other in os.listdir(parent):
-      if other.startswith(key + '-') and other != name:
+      if other.startswith(key + '-') and (
+          other != name or _run_file(os.path.join(parent, other)).get('programs') != programs):
         print(f'discarding checkpoints/{other}: another code version or seed set of this run')
         shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
   checkpointer = checkpoint.Checkpointer(work.checkpoint_dir(name), keep=c.checkpoint_keep,
                                          every_steps=c.checkpoint_every_steps,
                                          min_seconds=c.checkpoint_min_seconds)
   results.atomic_write(os.path.join(checkpointer.directory, RUN_FILE), json.dumps(
-      {'seeds': list(seeds)}))
+      {'seeds': list(seeds), 'programs': programs}))
   return checkpointer

@@ -210,7 +210,9 @@ def init_variables(model, rngs, input_shape=(1, 28, 28, 1)):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
-def _states_of(model, variables, tx, augment, loss_scale):
+def states_of(model, variables, tx, augment, loss_scale):
+  """The seeds' `TrainState`s from their stacked `variables` (the optimizer state at its
+  start)."""
   return jax.vmap(lambda v: TrainState.create(
       apply_fn=model.apply, params=v['params'], tx=tx, batch_stats=v.get('batch_stats', {}),
       augment=augment,
@@ -225,7 +227,7 @@ def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
   augmentations.check(augment)
   if tx is None:
     tx = optim.make_optimizer('adam', learning_rate=float(learning_rate))
-  return _states_of(model, init_variables(model, rngs, input_shape), tx, augment,
+  return states_of(model, init_variables(model, rngs, input_shape), tx, augment,
                     bool(loss_scale))
 
 

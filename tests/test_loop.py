@@ -171,7 +171,7 @@ def test_equal_models_share_one_eval_program_whatever_the_optimizer(small_datase
   data = train.DeviceData.put(small_dataset)
   rows = train.index_rows(data.splits['val'], 1000)
   caches = lambda: [f._cache_size() for f in (train.init_variables, train.evaluate_seeds,
-                                              train._states_of)]  # pylint: disable=protected-access
+                                              train.states_of)]
   before = caches()
   for batch_size in (10, 20, 30):
     model = models.create_model('mlp', norm='batch', hidden=(9,))  # a new, equal object

@@ -89,21 +89,6 @@ def test_run_key_is_a_stable_hash_of_the_identity():
   assert len(key) == 12
 
 
-def test_code_version_hashes_the_sources_and_the_script(tmp_path):
-  script = tmp_path / 'script.py'
-  script.write_text('print(1)\n')
-  version = results.code_version(str(script))
-  assert version['script'] == 'script.py' and len(version['sources']) == 16
-  assert results.code_version(str(script)) == version
-  script.write_text('print(2)\n')
-  assert results.code_version(str(script)) == version  # read once: this process runs print(1)
-  results._code_version.cache_clear()  # pylint: disable=protected-access  (a new process)
-  assert results.code_version(str(script))['sources'] != version['sources']  # other code
-  root = os.path.dirname(results.PACKAGE_DIR)
-  if os.path.isdir(os.path.join(root, '.git')):  # a git checkout: the commit is recorded
-    assert len(version['commit']) == 40 and isinstance(version['dirty'], bool)
-
-
 def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
   path = tmp_path / 'file'
   path.write_text('x')

@@ -11,6 +11,7 @@ import pytest
 
 from _limits import HANG_SECONDS
 
+from bn_jax import code_version
 from bn_jax import data
 from bn_jax import errors
 from bn_jax import loop
@@ -45,7 +46,8 @@ def test_run_makes_one_record_per_seed_with_overrides_applied():
                                                                batch_size=50),
                                               data_content=dataset.fingerprint)
     assert r['run_key'] == results.run_key(r['identity'])
-    assert set(r['code']) == {'sources', 'script', 'commit', 'dirty'}
+    assert set(r['code']) == {'sources', 'host', 'script', 'commit', 'dirty', 'programs',
+                              'program_seeds'}
   assert config.norm == 'batch'  # the caller's config is left as it was
 
 
@@ -258,9 +260,9 @@ def test_a_grid_naming_one_configuration_twice_trains_it_once(tmp_path, counting
 
 
 def _other_code(monkeypatch):
-  real = results.code_version
-  monkeypatch.setattr(results, 'code_version', lambda script=None: {
-      **real(script), 'sources': 'f' * 16})
+  real = code_version.version  # the host code changed: data order, schedule or loop
+  monkeypatch.setattr(code_version, 'version', lambda script=None: {
+      **real(script), 'sources': 'f' * 16, 'host': 'e' * 16})
 
 
 def test_finished_runs_of_other_code_are_refused_retrained_or_reused(tmp_path, counting,
@@ -269,7 +271,7 @@ def test_finished_runs_of_other_code_are_refused_retrained_or_reused(tmp_path, c
   old = sweep.sweep(_small_config(), dataset, [{}], experiment='t', workdir=str(tmp_path))
   _other_code(monkeypatch)  # the sources changed since
   with pytest.raises(settings.ConfigError, match=r'1 finished runs in .*results.jsonl were made '
-                     r'by other code .*--config.on_code_change=retrain'):
+                     r'by code that gives other numbers .*--config.on_code_change=retrain'):
     sweep.sweep(_small_config(), dataset, [{}], experiment='t', workdir=str(tmp_path))
   assert counting.trained == [[0]]
   reused = sweep.sweep(_small_config(on_code_change='reuse'), dataset, [{}], experiment='t',
