@@ -87,6 +87,13 @@ class Study:
       records = records[n:]
     return out
 
+  def steps_per_epoch(self, **overrides):
+    """Training steps per epoch of the configuration `overrides` describe, on the devices a
+    sweep of it uses (several drop the last partial batch)."""
+    c = settings.resolve(self.config, **overrides)
+    return loop.Schedule(len(self.dataset.train_labels), c.batch_size,
+                         num_devices=sweep.make_runner(c).num_devices).steps_per_epoch
+
   def model(self, **overrides):
     """The model of the configuration `overrides` describe."""
     return settings.make_model(settings.resolve(self.config, **overrides))

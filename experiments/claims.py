@@ -320,17 +320,18 @@ def claim_batch_size(study, c, out):
 def claim_inference(study, c, out):
   """9: eval mode (running averages) vs batch statistics in the first epochs, per momentum;
   and the running averages recomputed over the training set after training."""
-  steps = -(-len(study.dataset.train_labels) // c.batch_size)  # one epoch
-  keys = [(m, e) for m in c.momenta for e in range(1, c.epochs + 1)]  # stopped after epoch e
-  runs = dict(zip(keys, study.runs([{'norm': 'batch', 'bn_momentum': m, 'max_steps': e * steps}
-                                    for m, e in keys])))
+  steps = study.steps_per_epoch(norm='batch')
+  ends = tuple(e * steps for e in range(1, c.epochs + 1))  # each run keeps every epoch's end
+  by_momentum = dict(zip(c.momenta, study.runs([
+      {'norm': 'batch', 'bn_momentum': m, 'save_states_at': ends} for m in c.momenta])))
+  keys = [(m, e) for m in c.momenta for e in range(1, c.epochs + 1)]
 
   x, y, train_x = study.dataset.val_images, study.dataset.val_labels, study.dataset.train_images
   curves = {}  # (momentum, epoch) -> (seeds, [running, batch statistics, recomputed])
   for m, e in keys:
     model, per_seed = study.model(norm='batch', bn_momentum=m), []
-    for r in runs[m, e]:
-      v = study.variables(r)
+    for r in by_momentum[m]:
+      v = study.variables(r, step=e * steps)
       recomputed = np.nan  # after the last epoch only
       if e == c.epochs:
         recomputed = claims.accuracy(model, {**v, 'batch_stats': claims.full_pass_batch_stats(
@@ -352,10 +353,12 @@ def claim_inference(study, c, out):
           'val acc with batch statistics minus with running averages',
           first[:, 1] - first[:, 0], 'accuracy', ', '.join(
               f'm={m}: {curves[m, 1][:, 0].mean():.3f} running vs '
-              f'{curves[m, 1][:, 1].mean():.3f} batch' for m in c.momenta)),
+              f'{curves[m, 1][:, 1].mean():.3f} batch' for m in c.momenta),
+          gates=[health.no_divergence('BN', by_momentum[worst])]),
       row(f'Recomputing the averages after training helps (momentum {worst})',
           f'val acc after {c.epochs} epochs, averages recomputed over the training '
-          'set minus running averages', last[:, 2] - last[:, 0], 'accuracy'),
+          'set minus running averages', last[:, 2] - last[:, 0], 'accuracy',
+          gates=[health.no_divergence('BN', by_momentum[worst])]),
   ]
 
 
