@@ -68,7 +68,7 @@ def test_readme_numbers_runs_each_paper_with_the_readme_settings(tmp_path):
   for paper, call in zip(papers, calls):
     assert f'--workdir={tmp_path}/out/papers/{paper}' in call.split()
     assert '--config.data=idx:/usr/share/datasets/fashion-mnist' in call.split()
-    # The README's Wu & He row trained on half the training set, the others on all of it.
+    # Wu & He's run trains on half the training set, the others on all of it.
     assert ('--config.train_examples=27000' in call.split()) == (paper == 'wu_he2018')
   timed = [line for line in run.stdout.splitlines() if line.startswith('== ')
            and line.endswith(' s') and ': python' not in line]
@@ -83,7 +83,7 @@ def test_readme_numbers_refuses_an_unknown_step(tmp_path):
 
 
 def test_readme_numbers_runs_the_readme_cnn_claims_commands(tmp_path):
-  with open(os.path.join(ROOT, 'README.md')) as f:
+  with open(os.path.join(ROOT, 'docs', 'claims.md')) as f:  # the CNN claims' commands
     readme = [line.split() for line in f if line.startswith('python experiments/claims.py')
               and '--config.model=cnn' in line]
   assert len(readme) == 2  # claims 1-2, then the others
@@ -95,7 +95,7 @@ def test_readme_numbers_runs_the_readme_cnn_claims_commands(tmp_path):
     assert args[0] == command[1] == 'experiments/claims.py'
     workdir = next(a for a in command if a.startswith('--workdir='))
     assert f'--workdir={tmp_path}/out/{os.path.basename(workdir)}' in args
-    # Every setting of the README's command, and no other claim or eval setting.
+    # Every setting of the documented command, and no other claim or eval setting.
     assert set(command[2:]) - {workdir} <= set(args), call
     assert {a.split('=')[0] for a in args} - {a.split('=')[0] for a in command} <= {
         '--config.progress', '--config.compilation_cache_dir'}, call

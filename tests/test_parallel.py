@@ -228,12 +228,13 @@ TINY = ('--config.data=synthetic:400', '--config.epochs=1', '--config.seeds=2',
 
 
 def _readme_multihost_flags(address, num_processes, process_id):
-  """The flags README.md tells every host to add, its placeholders filled in."""
-  with open(os.path.join(ROOT, 'README.md')) as f:
+  """The flags docs/devices.md (linked from README.md) tells every host to add, its
+  placeholders filled in."""
+  with open(os.path.join(ROOT, 'docs', 'devices.md')) as f:
     readme = ' '.join(f.read().split())  # its paragraphs wrap lines anywhere
   match = re.search(r'Several hosts: start the same command on every host with `([^`]+)`',
                     readme)
-  assert match, 'README.md no longer documents the multi-host launch ("Several hosts: ...").'
+  assert match, 'docs/devices.md no longer documents the multi-host launch ("Several hosts: ...").'
   values = {'HOST0:PORT': address, 'P': str(num_processes), 'I': str(process_id)}
   flags = [flag.split('=', 1) for flag in match.group(1).split()]
   assert [name for name, _ in flags] == ['--config.coordinator_address',
@@ -254,7 +255,7 @@ def _measurements(record):
 
 @pytest.mark.slow
 def test_readme_multihost_command_runs_as_written(tmp_path):
-  """README.md's launch of several hosts, exactly as written, on 2 processes over loopback
+  """docs/devices.md's launch of several hosts, exactly as written, on 2 processes over loopback
   (one CPU device each): both exit 0, process 0 alone records and prints, and its records hold
   the numbers of 1 process on 2 devices (which runs at the same time)."""
   two_devices = {**ONE_DEVICE_ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
