@@ -33,11 +33,23 @@ FINAL_COLUMNS = (('train acc', final('train_accuracy')), ('val acc', final('val_
 
 
 def group(records, keys):
-  """Records grouped by the values of `keys`, in first-seen order."""
+  """Records grouped by the values of `keys` (any setting: a record's own field, else its
+  config's, e.g. 'bn_momentum'), in first-seen order."""
   groups = collections.OrderedDict()
   for r in records:
-    groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    groups.setdefault(tuple(setting(r, k) for k in keys), []).append(r)
   return groups
+
+
+def setting(record, key):
+  """A record's value of `key`: its own field, else its config's (lists as tuples)."""
+  if key in record:
+    return record[key]
+  if key not in record['config']:
+    raise KeyError(f'{key!r} is neither a record field nor a setting (the config keys: '
+                   f'{sorted(record["config"])})')
+  value = record['config'][key]
+  return tuple(value) if isinstance(value, list) else value
 
 
 def mean_std(values, digits=4):

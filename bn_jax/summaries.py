@@ -1,5 +1,6 @@
 """TensorBoard event files, live while a run trains: `WORKDIR/tensorboard/<run>/seed_<s>/`,
-<run> naming the model, norm, batch size and rate, then the run key.
+<run> naming the model, norm, batch size and rate, the other settings the sweep varies
+(`bn_momentum=0.999`), then the run key.
 
 Written with tensorboardX, which needs no TensorFlow (view them with `pip install tensorboard`
 and `tensorboard --logdir WORKDIR/tensorboard`). Per seed: `train/loss` and `train/accuracy`
@@ -21,12 +22,21 @@ def root(workdir):
   return os.path.join(os.path.abspath(workdir), 'tensorboard')
 
 
+def _short(value):
+  """A setting's value as a directory name part: numbers as %g, sequences joined by '-'."""
+  if isinstance(value, (list, tuple)):
+    return '-'.join(_short(v) for v in value)
+  return f'{value:g}' if isinstance(value, float) else str(value)
+
+
 class RunSummaries:
   """The event files of one configuration's seeds; the `logger` of `loop.fit`."""
 
-  def __init__(self, workdir, key, seeds, hparams):
+  def __init__(self, workdir, key, seeds, hparams, varied=()):
+    extra = ''.join(f'_{k}={_short(hparams[k])}' for k in sorted(varied) if k in hparams and
+                    k not in ('model', 'norm', 'batch_size', 'learning_rate'))
     name = (f"{hparams['model']}_{hparams['norm']}_bs{hparams['batch_size']}_"
-            f"lr{hparams['learning_rate']:g}_{key}")
+            f"lr{hparams['learning_rate']:g}{extra}_{key}")
     self.directory = os.path.join(root(workdir), name)
     self.seeds, self.writers = list(seeds), None
     # TensorBoard's hparams take numbers, strings and booleans: lists become strings.

@@ -108,6 +108,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
     runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(
         settings.seed_list(c))
+  # The settings the grid varies (TensorBoard names each run by those in its identity).
+  varied = {k for overrides in grid for k in overrides if len({repr(c[k]) for c in configs}) > 1}
   device_data = train.DeviceData.put(dataset, runner)
   fingerprint = functools.lru_cache(maxsize=None)(  # (run key, seeds trained together) -> str
       lambda key, n: loop.program_fingerprint(**_programs_of(runs[key][0], device_data, runner),
@@ -143,7 +145,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
       programs = programs.result()
       checkpointer = (_checkpointer(work, key, code, seeds, c, programs.fingerprint)
                       if work else None)
-      logger = (summaries.RunSummaries(work.path, key, seeds, identity)
+      logger = (summaries.RunSummaries(work.path, key, seeds, identity, varied)
                 if work and c.tensorboard else None)
       t0 = time.perf_counter()
       seed_results, states = loop.fit(

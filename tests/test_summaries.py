@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bn_jax import data
+from bn_jax import report
 from bn_jax import settings
 from bn_jax import sweep
 
@@ -52,3 +53,23 @@ def test_tensorboard_can_be_turned_off(tmp_path):
                 compilation_cache=False, devices=1, tensorboard=False)
   sweep.sweep(config, data.load(config.data), [{}], experiment='t', workdir=str(tmp_path))
   assert not (tmp_path / 'tensorboard').exists()
+
+
+def test_runs_are_named_and_grouped_by_the_settings_the_grid_varies(tmp_path):
+  config = settings.base_config()
+  config.update(data='synthetic:200', seeds=2, epochs=1, hidden=(8,), progress=False,
+                compilation_cache=False, devices=1)
+  grid = [{'bn_momentum': m} for m in (0.9, 0.999)] + [{'norm': 'none'}]
+  records = sweep.sweep(config, data.load(config.data), grid, experiment='t',
+                        workdir=str(tmp_path))
+  names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / 'tensorboard' / '*')))
+  key = lambda i: records[2 * i]['run_key']
+  # bn_momentum varies among the BN runs; the no-BN run has none (its identity lacks it).
+  assert names == sorted([f'mlp_batch_bs32_lr0.001_bn_momentum=0.9_{key(0)}',
+                          f'mlp_batch_bs32_lr0.001_bn_momentum=0.999_{key(1)}',
+                          f'mlp_none_bs32_lr0.001_{key(2)}'])
+  table = report.summary_table(records, keys=('norm', 'bn_momentum'))
+  assert '| batch | 0.9 | 2 |' in table and '| batch | 0.999 | 2 |' in table
+  assert '| none | 0.99 | 2 |' in table  # the config's value, read though it does not matter
+  with pytest.raises(KeyError, match="'bn_momentun' is neither a record field nor a setting"):
+    report.group(records, ('bn_momentun',))
