@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax import resnet
+from bn_jax import threefry
 
 STAGES = ((32, 16), (16, 32), (8, 64))  # (height = width, channels)
 DIMS = ('NHWC', 'HWIO', 'NHWC')
@@ -62,6 +63,7 @@ def torch_ms(batch_size, size, channels, reps):
 
 
 def main():
+  threefry.install()  # as the experiment scripts run
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--reps', type=int, default=10)

@@ -18,10 +18,12 @@ from bn_jax import data
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import parallel
+from bn_jax import threefry
 from bn_jax import train
 
 
 def main():
+  threefry.install()  # as the experiment scripts run
   parser = argparse.ArgumentParser()
   parser.add_argument('--data', default='synthetic:4000')
   parser.add_argument('--steps', default='1,10,100,1000', help='compare after these steps')

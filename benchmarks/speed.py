@@ -39,6 +39,7 @@ from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
 from bn_jax import timing
+from bn_jax import threefry
 from bn_jax import train
 
 BATCH_SIZES = (16, 32, 64, 128, 256)
@@ -259,6 +260,7 @@ def torch_grid(dataset, epochs):
 
 
 def main():
+  threefry.install()  # as the experiment scripts run
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--data', default='idx:/usr/share/datasets/fashion-mnist')
   parser.add_argument('--epochs', type=int, default=5)

@@ -13,15 +13,18 @@ Modules, in the order data flows through them:
   loop        the fit loop: programs compiled ahead, divergence, validation, checkpoints
   checkpoint  Orbax checkpoints
   sweep       the resumable sweep every experiment runs through
-  results     records, run keys, code versions, the workdir, atomic files
+  results     records, run keys, the workdir, atomic files
+  code_version  which code made a run, and whether other code gives the same numbers
   report      tables and plots
   claims      effects, verdicts and BN measurements of the claims study
   timing      the step timer
   cli         the command line of the experiment scripts
-  threefry    JAX's random hash unrolled on CPU (same bits, less compiling); set on import
-"""
+  threefry    JAX's random hash unrolled on CPU (same bits, less compiling); `install()`,
+              which the scripts' `cli.run` calls
 
-from bn_jax import threefry  # first: every program compiled after it gets the lowering
+Importing bn_jax changes nothing global: no plotting backend, no JAX lowering; Orbax, SciPy
+and tensorboardX load when first used.
+"""
 
 from bn_jax import augment
 from bn_jax import checkpoint

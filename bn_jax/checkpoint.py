@@ -18,7 +18,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from bn_jax import errors
 
@@ -26,6 +25,12 @@ from bn_jax import errors
 # configurations concurrently) time out waiting on each other's signals. Every Orbax call
 # holds this lock, and saves are synchronous (a save of these small states takes milliseconds).
 _ORBAX = threading.Lock()
+
+
+def _ocp():
+  """Orbax, imported when a checkpoint is first used (`import bn_jax` stays light)."""
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+  return orbax.checkpoint
 
 
 class CorruptCheckpoints(errors.UserError, ValueError):
@@ -41,9 +46,9 @@ class Checkpointer:
     self.min_seconds = min_seconds  # never save more often than this
     self.last_time = time.monotonic()
     with _ORBAX:
-      self.manager = ocp.CheckpointManager(
+      self.manager = _ocp().CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+          options=_ocp().CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False))
 
   def due(self, step, last_saved_step, epoch_end):
@@ -68,8 +73,9 @@ class Checkpointer:
                                           f'{free / 2**20:.1f} MiB are free'))
     with _ORBAX:
       try:
-        self.manager.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+        args = _ocp().args
+        self.manager.save(step, args=args.Composite(
+            arrays=args.StandardSave(arrays), meta=args.JsonSave(meta)))
         self.manager.wait_until_finished()
       except Exception as e:  # Orbax reports a full disk as ValueError, among others
         for partial in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
@@ -108,8 +114,9 @@ class Checkpointer:
   def _restore(self, step, abstract_arrays):
     """(arrays, meta) of checkpoint `step`, or a string saying what is wrong with it."""
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          arrays=ocp.args.StandardRestore(abstract_arrays), meta=ocp.args.JsonRestore()))
+      args = _ocp().args
+      restored = self.manager.restore(step, args=args.Composite(
+          arrays=args.StandardRestore(abstract_arrays), meta=args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (any corruption: try older)
       return f'cannot be read ({type(e).__name__}: {str(e)[:200]})'
     arrays, meta = restored['arrays'], dict(restored['meta'])
@@ -132,7 +139,7 @@ class Checkpointer:
 
 def abstract(tree):
   """Shapes, dtypes and shardings of a pytree of arrays: the target to restore into."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  return jax.tree.map(_ocp().utils.to_shape_dtype_struct, tree)
 
 
 def checksums(arrays):

@@ -21,6 +21,7 @@ from bn_jax import checks
 from bn_jax import errors
 from bn_jax import interrupt
 from bn_jax import results
+from bn_jax import threefry
 
 
 
@@ -38,6 +39,7 @@ def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experimen
     workdir: the default `--workdir`.
   """
   presets = presets or {}
+  threefry.install()  # before any program compiles: less compiling on CPU, the same bits
   _refuse_unknown_keys(get_config(), sys.argv[1:])
   flags.DEFINE_string('workdir', workdir, 'Directory for results, tables and plots.')
   config_flags.DEFINE_config_dict('config', get_config())

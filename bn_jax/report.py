@@ -2,15 +2,14 @@
 
 import collections
 import io
+import sys
 
 import matplotlib
+import matplotlib.figure
 import matplotlib.ticker
+import numpy as np
 
-matplotlib.use('Agg')  # files only; no display needed
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from bn_jax.results import atomic_write  # pylint: disable=wrong-import-position
+from bn_jax.results import atomic_write
 
 def to_target(curve, target):
   """The first validation point of a record's `curve` at or above `target`:
@@ -80,7 +79,7 @@ def summary_table(records, keys=('model', 'norm'), columns=FINAL_COLUMNS):
 
 def plot_curves(records, path, keys=('model', 'norm')):
   """Train/val loss and accuracy per epoch, one line per group, band = min..max over seeds."""
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+  fig, axes = subplots(2, 2, figsize=(11, 7.5), sharex=True)
   panels = [('train_loss', 'train loss'), ('val_loss', 'validation loss'),
             ('train_accuracy', 'train accuracy'), ('val_accuracy', 'validation accuracy')]
   for (values, runs), color in zip(group(records, keys).items(), _colors()):
@@ -101,18 +100,26 @@ def plot_curves(records, path, keys=('model', 'norm')):
   save_figure(fig, path)
 
 
+def subplots(nrows=1, ncols=1, *, figsize, **kwargs):
+  """(figure, axes) as `pyplot.subplots` gives them, without pyplot: a `matplotlib.figure.Figure`
+  belongs to no backend and no global figure list (plots leave a notebook's backend alone)."""
+  fig = matplotlib.figure.Figure(figsize=figsize)
+  return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def save_figure(fig, path):
-  """Saves a figure atomically as PNG and closes it."""
+  """Saves a figure atomically as PNG (a pyplot figure is closed too)."""
   buffer = io.BytesIO()
   fig.tight_layout()
   fig.savefig(buffer, format='png', dpi=110)
-  plt.close(fig)
+  if 'matplotlib.pyplot' in sys.modules:
+    sys.modules['matplotlib.pyplot'].close(fig)
   atomic_write(path, buffer.getvalue())
 
 
 def plot_accuracy_vs_batch_size(records, path):
   """Final validation and test accuracy against batch size (log x), error bars = std."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  fig, axes = subplots(1, 2, figsize=(11, 4.2), sharey=True)
   for (norm, runs), color in zip(group(records, ('norm',)).items(), _colors()):
     by_size = group([r for r in runs if r['status'] == 'ok'], ('batch_size',))
     sizes = [size for (size,) in by_size]
@@ -134,7 +141,7 @@ def plot_accuracy_vs_batch_size(records, path):
 def plot_val_curves(records, path):
   """Validation accuracy vs epoch and vs examples seen: a row per norm, a line per batch size."""
   by_norm = group(records, ('norm',))
-  fig, axes = plt.subplots(len(by_norm), 2, figsize=(11, 3.8 * len(by_norm)), squeeze=False,
+  fig, axes = subplots(len(by_norm), 2, figsize=(11, 3.8 * len(by_norm)), squeeze=False,
                            sharey=True)
   for row, ((norm,), runs) in zip(axes, by_norm.items()):
     for ((size,), rs), color in zip(group(runs, ('batch_size',)).items(), _colors()):
@@ -161,12 +168,12 @@ def plot_val_curves(records, path):
 
 
 def _colors():
-  return plt.rcParams['axes.prop_cycle'].by_key()['color'] * 4
+  return matplotlib.rcParams['axes.prop_cycle'].by_key()['color'] * 4
 
 
 def plot_lines(path, x, series, *, xlabel, ylabel, xlog=False, title=''):
   """One line per `series` entry, label -> (y means, y error bars or None) over `x`."""
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = subplots(figsize=(6.5, 4))
   for label, (y, err) in series.items():
     ax.errorbar(x, y, err, marker='o', capsize=3, label=label)
   if xlog:
@@ -179,7 +186,7 @@ def plot_lines(path, x, series, *, xlabel, ylabel, xlog=False, title=''):
 
 def plot_bars(path, labels, means, errors=None, *, ylabel):
   """One bar per label with optional error bars (e.g. std over seeds)."""
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = subplots(figsize=(6.5, 4))
   ax.bar(range(len(labels)), means, yerr=errors, capsize=3)
   ax.set_xticks(range(len(labels)), labels, fontsize=8)
   ax.set_ylabel(ylabel)
@@ -190,7 +197,7 @@ def plot_bars(path, labels, means, errors=None, *, ylabel):
 def plot_layer_norms(path, panels):
   """Per panel title, lines label -> (values per layer, line style), log y: e.g. gradient norm
   per layer at init and after training."""
-  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+  fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
   for ax, (title, lines) in zip(axes[0], panels.items()):
     for label, (values, style) in lines.items():
       ax.semilogy(values, style, marker='o', label=label)

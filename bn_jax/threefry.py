@@ -4,8 +4,9 @@ Every `jax.random` call (key split, fold_in, the dropout mask's bits, parameter 
 with threefry-2x32 (20 rounds; Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2,
 3"). JAX lowers it unrolled on GPU and TPU, but on CPU as a `lax.fori_loop` over its five
 groups of four rounds: a small while loop inside the program, three of them in every train
-step of the MLP. Importing `bn_jax` registers this unrolled lowering for CPU instead (public
-JAX API: `jax.extend.random.threefry2x32_p`, `jax.interpreters.mlir`). The hash is uint32
+step of the MLP. `install()` registers this unrolled lowering for CPU instead (public JAX API:
+`jax.extend.random.threefry2x32_p`, `jax.interpreters.mlir`); the experiment scripts call it
+(`cli.run`), `import bn_jax` does not. The hash is uint32
 arithmetic, so every bit it gives is unchanged (`tests/test_threefry.py` checks the published
 test vectors and JAX's own CPU lowering). Trained parameters came out bit for bit the same on
 one device; on 8 simulated devices they differ in the last bits (same random bits, but XLA
@@ -41,5 +42,8 @@ def threefry2x32(key1, key2, x1, x2):
   return x1, x2
 
 
-mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True),
-                       platform='cpu')
+def install():
+  """Registers the unrolled lowering for CPU (again: no change); programs compiled after it use
+  it. Programs lowered with and without it differ (`code_version`), their random bits do not."""
+  mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True),
+                         platform='cpu')

@@ -14,7 +14,6 @@ verdict "invalid setup (gate: value)"; the others are tested and Holm-corrected 
 import math
 
 import numpy as np
-from scipy import stats
 
 from bn_jax import health
 
@@ -52,7 +51,7 @@ def _test(d, margin):
     mean = float(d.mean()) if n else math.nan
     return {'mean': mean, 'interval': [math.nan, math.nan], 'p': math.nan, 'se': math.nan}
   mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
-  t = stats.t(n - 1)
+  t = _t(n - 1)
   half = t.ppf(1 - ALPHA / 2) * se
   if se == 0:  # every seed the same number: the test is decided by the mean alone
     p = 0.0 if (margin is None and mean != 0) or (margin and abs(mean) < margin) else 1.0
@@ -101,7 +100,7 @@ def _interval(row, k):
   """The finding's t-interval at level 1 - ALPHA / k (Bonferroni over the family)."""
   if not math.isfinite(row['se']):
     return [math.nan, math.nan]
-  half = stats.t(len([v for v in row['values'] if math.isfinite(v)]) - 1).ppf(
+  half = _t(len([v for v in row['values'] if math.isfinite(v)]) - 1).ppf(
       1 - ALPHA / (2 * k)) * row['se']
   return [row['mean'] - half, row['mean'] + half]
 
@@ -116,3 +115,9 @@ def _outcome(row):
     return 'supported'
   low, high = row['interval_adjusted']
   return 'contradicted' if low >= margin or high <= -margin else 'inconclusive'
+
+
+def _t(df):
+  """Student's t distribution (scipy, imported when a verdict is first computed)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return stats.t(df)

@@ -9,6 +9,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bn_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bn_jax import threefry  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+threefry.install()  # the tests run the programs the scripts run
 
 
 @pytest.fixture(scope='session')

@@ -2,8 +2,10 @@
 in use, and the same bits as JAX's own CPU lowering (a process without bn_jax)."""
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -63,3 +65,26 @@ def test_same_bits_as_jax_without_bn_jax():
     np.testing.assert_array_equal(np.asarray(ours[name]), np.asarray(theirs[name]),
                                   err_msg=name)
   assert np.asarray(ours['normal']).std() > 0.5  # real draws, not a constant
+
+
+def test_importing_bn_jax_changes_nothing_global():
+  """`import bn_jax` (every module) loads no plotting, checkpoint, statistics or TensorFlow
+  library and leaves JAX's CPU lowering of threefry as it was (a loop); `install()` then
+  replaces it."""
+  code = textwrap.dedent('''
+      import sys, jax
+      import bn_jax
+      from bn_jax import checkpoint, claims, cli, loop, papers, report, sweep, verdicts
+      heavy = [m for m in ('matplotlib.pyplot', 'orbax.checkpoint', 'scipy', 'tensorboardX',
+                           'tensorflow') if m in sys.modules]
+      bits = lambda: jax.jit(lambda k: jax.random.bits(k, (16, 128))).lower(
+          jax.random.key(0)).compile().as_text()
+      before = ' while(' in bits()
+      bn_jax.threefry.install()
+      jax.clear_caches()
+      print(heavy, before, ' while(' in bits())
+  ''')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       timeout=HANG_SECONDS, check=True, env=env)
+  assert run.stdout.split() == ['[]', 'True', 'False']

@@ -26,7 +26,6 @@ Writes report.md, accuracy.png and percentiles.png to the workdir.
 
 import os
 
-import matplotlib
 import numpy as np
 
 from bn_jax import claims
@@ -36,9 +35,6 @@ from bn_jax import papers
 from bn_jax import report
 from bn_jax import settings
 from bn_jax import sweep
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NORMS = ('batch', 'none')
 Q = (15, 50, 85)
@@ -244,7 +240,7 @@ def plot_accuracy(path, runs, steps, rates, config):
 
 def plot_percentiles(path, steps, tracks):
   """Fig. 1(b, c): the percentiles of one sigmoid's input (unit 0, seed 0) over training."""
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+  fig, axes = report.subplots(1, 2, figsize=(10, 3.8), sharex=True)
   for ax, n in zip(axes, NORMS):
     for i, q in enumerate(Q):
       ax.plot(steps, tracks[n, 0][:, i, 0], marker='o', label=f'{q}th percentile')
