@@ -13,6 +13,7 @@ import optax
 
 from bn_jax import loop
 from bn_jax import precise_bn
+from bn_jax import programs
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
@@ -101,7 +102,7 @@ class Study:
   def initial_variables(self, record, **overrides):
     """The variables a run started from (step 0): its seed's init under the configuration
     `overrides` describe (the same numbers `loop.fit` starts from)."""
-    keys = loop.seed_keys([record['seed']])[:, 0]
+    keys = programs.seed_keys([record['seed']])[:, 0]
     model = self.model(**overrides)
     stacked = train.init_variables(model, keys, (1,) + self.dataset.image_shape)
     return jax.tree.map(lambda x: np.asarray(x[0]), stacked)

@@ -153,7 +153,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
           programs=programs, runner=runner, checkpointer=checkpointer,
           desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
           logger=logger, on_save=_state_saver(work, key, seeds) if save_states else None,
-          **settings.fit_args(c))
+          **{k: v for k, v in settings.fit_args(c).items() if k not in loop.COMPILE_ARGS})
       wall = time.perf_counter() - t0
     except BaseException:
       stop.set()  # the configurations not started yet are skipped

@@ -14,6 +14,7 @@ import pytest
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import optim
+from bn_jax import programs
 from bn_jax import train
 
 
@@ -149,7 +150,7 @@ def test_one_thread_at_a_time_compiles_a_models_shared_programs(small_dataset, m
       inside[model] -= 1
     return train.init_states(model, *args)
 
-  monkeypatch.setattr(loop, 'init_states', slow_init_states)
+  monkeypatch.setattr(programs, 'init_states', slow_init_states)
   bn, plain = (models.create_model('mlp', norm=n, hidden=(7,)) for n in ('batch', 'none'))
   start = threading.Barrier(4)
   compile_one = lambda model, batch_size: (start.wait(), loop.compile_programs(
@@ -206,3 +207,16 @@ def test_without_a_terminal_progress_is_a_line_per_epoch(small_dataset, capsys):
   assert f'val acc {mean:.4f},' in lines[-1]  # the seeds' mean
   loop.fit(model, small_dataset, seeds=(0,), batch_size=50, epochs=1, progress=False)
   assert capsys.readouterr().out == ''  # progress off: silent
+
+
+def test_fit_refuses_compile_settings_next_to_compiled_programs(small_dataset):
+  model = models.create_model('mlp', norm='batch', hidden=(8,))
+  data = train.DeviceData.put(small_dataset)
+  compiled = loop.compile_programs(model, data, loop.Schedule(300, 32, 1), seeds=[0],
+                                   learning_rate=1e-3)
+  for given in ({'learning_rate': 0.1}, {'augment': 'crop_flip'}, {'loss_scale': True},
+                {'optimizer': optim.make_optimizer('sgd', learning_rate=0.1)}):
+    with pytest.raises(ValueError, match=f"pass \\['{next(iter(given))}'\\] to compile_programs"):
+      loop.fit(model, data, epochs=1, programs=compiled, progress=False, **given)
+  (result,), _ = loop.fit(model, data, epochs=1, programs=compiled, progress=False)
+  assert result['steps'] == 10
