@@ -115,11 +115,12 @@ def torch_cnn_step_ms(batch_size=32, steps=50):
   return _torch_step_ms(torch, net, (batch_size, 1, 28, 28), steps, warmup=5)
 
 
-def resnet_step_ms(conv, batch_size=128, steps=20, examples=600):
+def resnet_step_ms(conv, batch_size=128, steps=20, examples=600, dtype=jnp.float32):
   """Milliseconds per train step of ResNet-20 (BN, option A; bn_jax.resnet) on
-  32x32x3 generated inputs (1 seed), with `conv` = forward | patches | xla."""
+  32x32x3 generated inputs (1 seed), with `conv` = forward | patches | xla, computing in
+  `dtype` (bfloat16: convs and dense layers; params and norms stay float32)."""
   dataset = data_lib.load(f'synthetic:{examples}:32x32x3')
-  model = resnet.ResNet(depth=20, norm=norms.norm_layer('batch'), conv=conv)
+  model = resnet.ResNet(depth=20, norm=norms.norm_layer('batch'), conv=conv, dtype=dtype)
   return step_seconds(dataset, model, batch_size, steps) * 1e3
 
 
@@ -310,6 +311,9 @@ def main():
         'forward': resnet_step_ms('forward', steps=args.resnet_steps),
         'patches': resnet_step_ms('patches', steps=args.resnet_steps),
         'xla': resnet_step_ms('xla', steps=xla_steps)}
+    if not slow_xla:  # bfloat16 pays on GPUs and TPUs; on a CPU it is slower
+      out['resnet_step_ms']['xla_bfloat16'] = resnet_step_ms('xla', steps=args.resnet_steps,
+                                                             dtype=jnp.bfloat16)
     if not args.skip_torch:
       out['resnet_step_ms']['torch'] = torch_resnet_step_ms(steps=args.resnet_steps)
 
@@ -345,7 +349,8 @@ def _table(out):
                f" (xla / patches = {cnn['xla'] / cnn['patches']:.1f}x)"))
   res = out.get('resnet_step_ms')
   if res:
-    times = {name: res.get(name) for name in ('forward', 'patches', 'xla', 'torch')}
+    times = {name: res.get(name) for name in ('forward', 'patches', 'xla', 'xla_bfloat16',
+                                              'torch')}
     line = ', '.join(f'{name}: {ms:.0f} ms' for name, ms in times.items() if ms is not None)
     line += f" (xla / forward = {res['xla'] / res['forward']:.1f}x"
     if res.get('torch') is not None:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -122,3 +123,16 @@ def test_torch_grid_reports_what_the_bn_jax_grid_does():
       correct = final[f'{split}_accuracy'] * n  # a whole number of the split's n examples
       assert abs(correct - round(correct)) < 1e-6 and 0 <= correct <= n
       assert 0 < final[f'{split}_loss'] < 10
+
+
+def test_device_check_runs_existing_tests_and_speed_flags():
+  with open(os.path.join(ROOT, 'benchmarks', 'device_check.sh')) as f:
+    script = f.read()
+  listed = re.findall(r'tests/test_\w+\.py', script)
+  assert len(listed) == 7 and all(os.path.exists(os.path.join(ROOT, t)) for t in listed)
+  flags = re.findall(r'--(\w+)', script.split('benchmarks/speed.py')[1].split('\n\n')[0])
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'speed.py'), '--help'],
+                       capture_output=True, text=True, timeout=HANG_SECONDS, check=True)
+  assert flags and all(f'--{flag}' in out.stdout for flag in flags), flags
+  assert subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'device_check.sh')],
+                        check=False).returncode == 0
