@@ -15,6 +15,7 @@ from bn_jax import optim
 from bn_jax import parallel
 from bn_jax import schedule
 from bn_jax import settings
+from bn_jax import shards
 from bn_jax import summaries
 
 
@@ -118,6 +119,8 @@ def validate(config, num_devices=1, num_train=None):
   _choice(c, 'bn_stats', parallel.BN_STATS)
   _choice(c, 'activation', models.ACTIVATIONS)
   _choice(c, 'parallel', parallel.KINDS)
+  _choice(c, 'placement', ('data_parallel', 'per_device'))
+  shards.parse(c.shard, environ={})  # a malformed I/N: one line (SLURM's variables are read later)
   _choice(c, 'on_code_change', ('refuse', 'retrain', 'reuse'))
   _choice(c, 'bn_batch_of_one', ('error', 'warn'))
   _choice(c, 'tensorboard', (True, False))

@@ -21,6 +21,7 @@ from bn_jax import checks
 from bn_jax import errors
 from bn_jax import interrupt
 from bn_jax import results
+from bn_jax import shards
 from bn_jax import threefry
 
 
@@ -53,6 +54,8 @@ def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experimen
       config = resolve(get_config(), overridden, presets)
       checks.check_overrides(config, overridden, grid_keys)
       main(config, flags.FLAGS.workdir)
+    except shards.ShardDone as e:  # this shard's part is done; not an error
+      print(e, flush=True)
     except interrupt.Interrupted as e:
       if results.is_writer():
         print(e, file=sys.stderr, flush=True)

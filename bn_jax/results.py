@@ -10,6 +10,7 @@ mistaken for another code's.
 import datetime
 import atexit
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import optax
 
 from bn_jax import errors
 from bn_jax import health
+from bn_jax import shards
 
 
 def is_writer():
@@ -191,9 +193,13 @@ class Workdir:
   deletes them.
   """
 
-  def __init__(self, path, experiment, *, resume=True, overwrite=False):
+  def __init__(self, path, experiment, *, resume=True, overwrite=False, shard=None):
     self.path = os.path.abspath(path)
-    self.results_path = os.path.join(self.path, 'results.jsonl')
+    self.shard = shard  # (I, N): this process writes results.shard-I-of-N.jsonl (`shards`)
+    self.results_path = os.path.join(self.path, shards.results_name(shard))
+    if shard and not resume:
+      raise errors.WorkdirError('--config.resume=false deletes every shard\'s results: run it '
+                                'once without --config.shard, then start the shards.')
     if os.path.exists(self.path) and not os.path.isdir(self.path):
       raise errors.WorkdirError(f'workdir {path!r} is a file: pass --workdir=DIR with a '
                                'directory path.')
@@ -207,7 +213,8 @@ class Workdir:
       raise errors.WorkdirError(f'workdir {path!r} cannot be created or written ({e.strerror}): choose '
                     'another --workdir (or free some space).') from e
     if is_writer():
-      lock(self.path)
+      lock(self.path, shard)
+    shards.check_count(self.path, shard)
     records = self._read()
     others = sorted({r.get('experiment') for r in records} - {experiment})
     if others:
@@ -232,20 +239,31 @@ class Workdir:
     self.finished = {(r['run_key'], r['seed']): r for r in records}
 
   def _read(self):
-    """The records of results.jsonl; process 0 first moves unreadable lines aside."""
-    if not os.path.exists(self.results_path):
-      return []
-    records, bad = scan_records(self.results_path)
-    if bad and is_writer():
-      _set_aside(self.results_path, records, bad)
+    """The records of every results file (`shards.results_files`); process 0 first moves
+    unreadable lines of its own file aside (another shard's file is only read: a line it is
+    writing may be incomplete)."""
+    records, self.sources = [], {}
+    for path in shards.results_files(self.path):
+      found, bad = scan_records(path)
+      if bad and path == self.results_path and is_writer():
+        _set_aside(path, found, bad)
+      records += found
+      self.sources.update({(r.get('run_key'), r.get('seed')): path for r in found})
     return records
 
+  def refresh(self):
+    """Reads every results file again (other shards append to theirs); returns `finished`."""
+    self.finished = {(r['run_key'], r['seed']): r for r in self._read()}
+    return self.finished
+
   def supersede(self, records):
-    """Moves `records` from results.jsonl to superseded.jsonl (re-written atomically)."""
+    """Moves `records` from the results files holding them to superseded.jsonl (each file
+    re-written atomically)."""
     gone = {(r['run_key'], r['seed']) for r in records}
     append_records(os.path.join(self.path, 'superseded.jsonl'), records)
-    keep = [r for r in scan_records(self.results_path)[0] if (r['run_key'], r['seed']) not in gone]
-    atomic_write(self.results_path, ''.join(json.dumps(r, allow_nan=True) + '\n' for r in keep))
+    for path in sorted({self.sources.get(key, self.results_path) for key in gone}):
+      keep = [r for r in scan_records(path)[0] if (r['run_key'], r['seed']) not in gone]
+      atomic_write(path, ''.join(json.dumps(r, allow_nan=True) + '\n' for r in keep))
     for key in gone:
       self.finished.pop(key, None)
 
@@ -264,25 +282,29 @@ class WorkdirInUse(errors.WorkdirError):
   """Another process writes to this workdir."""
 
 
-_LOCKS = {}  # workdir -> the open lock file this process holds (until it exits)
+_LOCKS = {}  # lock file path -> the open lock file this process holds (until it exits)
 
 
-def lock(workdir):
-  """Makes this process the workdir's one writer: an exclusive `flock` on `WORKDIR/.lock`,
-  held until the process exits (the OS releases it when the holder dies, even by kill -9). A
-  second process gets an error naming the holder's pid and host; nothing is touched."""
-  path = os.path.join(workdir, '.lock')
+def lock(workdir, shard=None):
+  """Makes this process the workdir's one writer (or shard `shard`'s, `bn_jax.shards`): an
+  exclusive `flock` on `WORKDIR/.lock` (or `.lock.shard-I-of-N`), held until the process exits
+  (the OS releases it when the holder dies, even by kill -9). A second process for the same
+  lock, an unsharded process while a shard runs or a shard while an unsharded process runs gets
+  an error naming the holder's pid and host; nothing is touched."""
+  path = os.path.join(workdir, shards.lock_name(shard))
   if path in _LOCKS:
     return
-  f = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    f.seek(0)
-    holder = f.read().strip() or 'another process'
-    f.close()
-    raise WorkdirInUse(f'workdir {workdir} is in use by {holder}: wait for it to finish (or '
-                       'stop it), or use another --workdir.') from None
+  f = _take(path, workdir)
+  # The unsharded writer and the shards exclude each other: take the other kind's locks once
+  # (and let go) to see that no one holds them.
+  others = (glob.glob(os.path.join(workdir, '.lock.shard-*')) if shard is None else
+            [os.path.join(workdir, '.lock')])
+  for other in others:
+    try:
+      _take(other, workdir).close()
+    except WorkdirInUse:
+      f.close()
+      raise
   f.seek(0)
   f.truncate()
   f.write(f'pid {os.getpid()} on host {socket.gethostname()} since '
@@ -292,22 +314,36 @@ def lock(workdir):
   atexit.register(f.close)  # the OS would release it anyway; this keeps exit quiet
 
 
-def check_lock(workdir):
-  """Raises `WorkdirInUse` if this process's `WORKDIR/.lock` was deleted or replaced since it
-  took it: another process may have taken a new one, and two writers would mix their records
-  and checkpoints. Called before every record is written."""
-  path = os.path.join(workdir, '.lock')
-  held = _LOCKS.get(path)
-  if held is None:
-    return
+def _take(path, workdir):
+  """The lock file at `path`, flock-ed (exclusive, not waiting); WorkdirInUse if held."""
+  f = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
   try:
-    same = os.path.samestat(os.stat(path), os.fstat(held.fileno()))
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
-    same = False
-  if not same:
-    raise WorkdirInUse(f'{path} was deleted or replaced while this process (pid {os.getpid()}) '
-                       'held it, so another process may be writing to this workdir: stop '
-                       'every process using it, then rerun (recorded runs are kept).')
+    f.seek(0)
+    holder = f.read().strip() or 'another process'
+    f.close()
+    raise WorkdirInUse(f'workdir {workdir} is in use by {holder} ({os.path.basename(path)}): '
+                       'wait for it to finish (or stop it), or use another --workdir.') from None
+  return f
+
+
+def check_lock(workdir):
+  """Raises `WorkdirInUse` if a lock this process took on `workdir` was deleted or replaced
+  since it took it: another process may have taken a new one, and two writers would mix their
+  records and checkpoints. Called before every record is written."""
+  for path, held in _LOCKS.items():
+    if os.path.dirname(path) != os.path.abspath(workdir):
+      continue
+    try:
+      same = os.path.samestat(os.stat(path), os.fstat(held.fileno()))
+    except OSError:
+      same = False
+    if not same:
+      raise WorkdirInUse(f'{path} was deleted or replaced while this process (pid '
+                         f'{os.getpid()}) held it, so another process may be writing to this '
+                         'workdir: stop every process using it, then rerun (recorded runs are '
+                         'kept).')
 
 
 def state_path(workdir, key, seed, step=None):

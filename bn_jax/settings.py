@@ -117,6 +117,12 @@ def base_config():
   # `parallel` = shard_map | pmap; hosts join through jax.distributed (unset: environment).
   c.devices = 0
   c.parallel = 'shard_map'
+  # data_parallel: each configuration over all `devices`; per_device: up to one configuration
+  # per local device at once, each on its own device (numbers as alone on one device).
+  c.placement = 'data_parallel'
+  # 'I/N': train only the (configuration, seed) pairs of shard I of N, N processes sharing the
+  # workdir (`bn_jax.shards`; '' = SLURM's array variables if set, else everything).
+  c.shard = ''
   c.coordinator_address = ''  # e.g. 10.0.0.1:1234
   c.num_processes = 0
   c.process_id = -1

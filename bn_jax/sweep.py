@@ -12,6 +12,7 @@ numbers depend on training together) and records the missing ones.
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,6 +32,7 @@ from bn_jax import loop
 from bn_jax import parallel
 from bn_jax import results
 from bn_jax import settings
+from bn_jax import shards
 from bn_jax import summaries
 from bn_jax import train
 
@@ -67,6 +69,12 @@ def make_runner(config):
   `load_data` has not)."""
   parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                   config.process_id)
+  if config.placement == 'per_device':  # each configuration on one device (`_lanes`)
+    if jax.process_count() > 1:
+      raise settings.ConfigError('placement=per_device runs in one process: drop it for '
+                                 'multi-host data parallelism, or split a sweep over hosts '
+                                 'with --config.shard=I/N (docs/scaling.md).')
+    return train.ONE_DEVICE
   if (config.devices or jax.device_count()) == 1 and jax.process_count() == 1:
     return train.ONE_DEVICE
   return parallel.DataParallel(config.devices, config.parallel)
@@ -101,8 +109,11 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
           '--config.standardize (sweep.load_data loads the data with it), not a grid entry.')
   checks.check_sweep(configs, dataset, runner.num_devices, workdir)
   code = code_version.version(script)
-  work = (results.Workdir(workdir, experiment, resume=config.resume, overwrite=config.overwrite)
-          if workdir else None)
+  shard = shards.parse(config.shard)
+  if shard and not workdir:
+    raise settings.ConfigError(f'shard={config.shard!r} needs a --workdir the shards share.')
+  work = (results.Workdir(workdir, experiment, resume=config.resume, overwrite=config.overwrite,
+                          shard=shard) if workdir else None)
   runs = {}  # run key -> [config, identity, seeds]: a grid may name one configuration twice
   for c in configs:
     identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
@@ -117,27 +128,27 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   finished = _reusable(work, runs, code, config.on_code_change, save_states, fingerprint)
   todo = []  # (key, config, identity, seeds to train, seeds to record)
   for key, (c, identity, seeds) in runs.items():
-    new = sorted(s for s in seeds if (key, s) not in finished)
+    new = sorted(s for s in seeds if (key, s) not in finished and shards.owns(shard, key))
     if new:
       todo.append((key, c, identity, _seeds_to_train(work, key, code, new), new))
   total, missing = sum(len(r[2]) for r in runs.values()), sum(len(t[4]) for t in todo)
   if work and results.is_writer():
-    print(f'{workdir}: {total - missing} of {total} runs finished before; training {missing} '
-          f'runs in {len(todo)} configurations.', flush=True)
+    part = f' (shard {shard[0]}/{shard[1]})' if shard else ''
+    print(f'{workdir}{part}: {total - missing} of {total} runs finished before; training '
+          f'{missing} runs in {len(todo)} configurations.', flush=True)
 
   data_parallel = isinstance(runner, parallel.DataParallel)
-  devices = {'platform': jax.default_backend(), 'count': runner.num_devices,
-             'processes': jax.process_count(),
-             'concurrent_runs': concurrent_runs(config, runner, len(todo))}
+  lanes = _lanes(config, runner, dataset, device_data, len(todo))
 
-  def compile_one(c, seeds):
-    return loop.compile_programs(**_programs_of(c, device_data, runner), seeds=seeds)
+  def compile_one(c, seeds, lane):
+    return loop.compile_programs(**_programs_of(c, lane.data, lane.runner), seeds=seeds)
 
   lock, stop = threading.Lock(), threading.Event()
 
-  def train_one(key, c, identity, seeds, new, programs):
-    """Trains one configuration's `seeds` together and records those in `new` (all of them
-    unless a checkpoint resumes seeds recorded before); on a worker thread."""
+  def train_one(key, c, identity, seeds, new, programs, lane):
+    """Trains one configuration's `seeds` together on `lane`'s devices and records those in
+    `new` (all of them unless a checkpoint resumes seeds recorded before); on a worker
+    thread."""
     if stop.is_set() or interrupt.requested():  # nothing of this one started yet
       stop.set()
       raise interrupt.Interrupted(None, interrupt.signum())
@@ -149,8 +160,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
                 if work and c.tensorboard else None)
       t0 = time.perf_counter()
       seed_results, states = loop.fit(
-          settings.make_model(c, data_parallel), device_data, seeds=seeds,
-          programs=programs, runner=runner, checkpointer=checkpointer,
+          settings.make_model(c, data_parallel), lane.data, seeds=seeds,
+          programs=programs, runner=lane.runner, checkpointer=checkpointer,
           desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
           logger=logger, on_save=_state_saver(work, key, seeds) if save_states else None,
           **{k: v for k, v in settings.fit_args(c).items() if k not in loop.COMPILE_ARGS})
@@ -161,7 +172,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     made_by = {**code, 'programs': programs.fingerprint, 'program_seeds': len(seeds)}
     records = [results.make_record(experiment=experiment, config=c, identity=identity,
                                    seed_result=r, code=made_by, wall_seconds=wall,
-                                   devices=devices) for r in seed_results if r['seed'] in new]
+                                   devices=lane.devices) for r in seed_results
+               if r['seed'] in new]
     with lock:
       if work:
         results.check_lock(work.path)
@@ -181,12 +193,17 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
       _say_warnings(c, records)
 
   recorded = {}
-  # Programs compile ahead on `compile_threads`; `devices['concurrent_runs']` configurations
-  # train at once, each on its own thread (a run's numbers do not depend on the others).
+  # Programs compile ahead on `compile_threads`; each lane trains `lane.threads`
+  # configurations at once, each on its own thread (a run's numbers do not depend on the
+  # others); configuration j goes to lane j mod len(lanes).
   with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool, \
-       concurrent.futures.ThreadPoolExecutor(devices['concurrent_runs']) as workers:
-    compiled = [pool.submit(compile_one, c, seeds) for _, c, _, seeds, _ in todo]
-    running = [workers.submit(train_one, *t, programs) for t, programs in zip(todo, compiled)]
+       contextlib.ExitStack() as stack:
+    workers = [stack.enter_context(concurrent.futures.ThreadPoolExecutor(lane.threads))
+               for lane in lanes]
+    pick = lambda j: lanes[j % len(lanes)]
+    compiled = [pool.submit(compile_one, t[1], t[3], pick(j)) for j, t in enumerate(todo)]
+    running = [workers[j % len(lanes)].submit(train_one, *t, programs, pick(j))
+               for j, (t, programs) in enumerate(zip(todo, compiled))]
     concurrent.futures.wait(running)
     if stop.is_set():
       pool.shutdown(cancel_futures=True)
@@ -194,6 +211,15 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     if errors:  # a real error before an interruption
       raise next((e for e in errors if not isinstance(e, interrupt.Interrupted)), errors[0])
   every = {**finished, **recorded}
+  if shard:
+    every = {**work.refresh(), **recorded}
+    left = [(key, s) for key, (_, _, seeds) in runs.items() for s in seeds
+            if (key, s) not in every]
+    if left:
+      raise shards.ShardDone(
+          f'shard {shard[0]}/{shard[1]}: its {missing} runs are done; {len(left)} runs of other '
+          'shards are not finished yet, so the tables come with the last shard to finish (or '
+          'the same command without --config.shard, which trains nothing then).')
   out = []
   for c in configs:
     key = results.run_key(settings.identity(c, runner.num_devices, dataset.fingerprint))
@@ -211,6 +237,36 @@ def _state_saver(work, key, seeds):
     for i, seed in enumerate(seeds):
       work.save_state(key, seed, jax.tree.map(lambda x: x[i], variables), step)
   return save
+
+
+@dataclasses.dataclass
+class _Lane:
+  """Where configurations train: a runner, the data on its devices, how many at once, and the
+  `devices` field of their records."""
+  runner: object
+  data: object
+  threads: int
+  devices: dict
+
+
+def _lanes(config, runner, dataset, device_data, num_configs):
+  """`placement=data_parallel`: one lane on every device (`runner`), `concurrent_runs`
+  configurations at once. `placement=per_device` (one process, several local devices): a lane
+  per device, one configuration at a time on each, so each run gets the numbers it gets alone
+  on one device."""
+  common = {'platform': jax.default_backend(), 'processes': jax.process_count(),
+            'placement': config.placement}
+  if config.placement != 'per_device' or len(jax.local_devices()) == 1:
+    threads = concurrent_runs(config, runner, num_configs)
+    return [_Lane(runner, device_data, threads, {**common, 'count': runner.num_devices,
+                                                  'concurrent_runs': threads})]
+  lanes = []
+  for device in jax.local_devices()[:max(1, num_configs)]:
+    one = train.OneDevice(device)
+    lanes.append(_Lane(one, train.DeviceData.put(dataset, one), 1, {
+        **common, 'count': 1, 'concurrent_runs': min(num_configs, len(jax.local_devices())),
+        'device': device.id}))
+  return lanes
 
 
 def _programs_of(c, device_data, runner):

@@ -294,18 +294,25 @@ def means(sums):
 
 
 class OneDevice:
-  """Runs the seed-stacked programs on the default device. `parallel.DataParallel` runs the
-  same programs data-parallel over many devices and hosts, with the same methods."""
+  """Runs the seed-stacked programs on one device: `device`, or JAX's default one.
+  `parallel.DataParallel` runs the same programs data-parallel over many devices and hosts,
+  with the same methods."""
   num_devices = 1
+
+  def __init__(self, device=None):
+    self.device = device
 
   def put(self, tree, split_last=False):
     """Host arrays -> device arrays (`split_last`: the batch axis, split over devices)."""
     del split_last
-    return jax.device_put(tree)
+    return jax.device_put(tree, self.device)
 
   def abstract(self, shape, dtype, split_last=False):
     del split_last
-    return jax.ShapeDtypeStruct(shape, dtype)
+    if self.device is None:
+      return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(self.device))
 
   def get(self, tree):
     return jax.device_get(tree)
