@@ -85,14 +85,11 @@ GRID_CHECKS = {
 # with). One given on the command line that no run of the script reads is refused
 # (`check_overrides`); defaults never are.
 READ_ONLY_WITH = {
-    **{key: ('norm', ('batch_renorm',)) for key in settings.RENORM_KEYS},
-    'bn_noise': ('norm', ('noisy_batch',)),
-    **{key: ('norm', settings.RUNNING_STATS) for key in (
-        'bn_momentum', 'bn_stats', 'bn_batch_of_one', 'precise_bn_examples',
-        'bn_ema_bias_correction')},
+    # each norm's settings, from its declaration (norms.REGISTRY); ghost BN's by bn_stats
+    **{key: ('norm', tuple(n for n in users if n in settings.NORMS))
+       for key, users in norms.SETTINGS.items()},
+    **{key: ('norm', settings.RUNNING_STATS) for key in settings.RUNNING_STATS_KEYS},
     'bn_group_size': ('bn_stats', ('ghost',)),
-    'bn_epsilon': ('norm', tuple(n for n in settings.NORMS if n != 'none')),
-    'norm_groups': ('norm', ('group',)),
     'momentum': ('optimizer', ('momentum', 'nesterov')),
     'half_precision_dtype': ('half_precision', (True,)),
     'lr_decay_epochs': ('lr_schedule', ('step',)),
@@ -173,15 +170,16 @@ def validate(config, num_devices=1, num_train=None):
     _check_bn_group(c, num_devices)
   if c.norm == 'group':
     _check_groups(c)
-  if c.norm in ('batch_renorm', 'noisy_batch'):
-    _check(c.bn_stats != 'ghost', f"bn_stats='ghost' is ghost BN: with norm={c.norm} use "
-           "bn_stats='sync' or 'local'.")
+  if c.norm in settings.RUNNING_STATS:
+    modes = norms.REGISTRY[c.norm].bn_stats
+    _check(c.bn_stats in modes, f"bn_stats={c.bn_stats!r} is not one of norm={c.norm}'s: "
+           f'use one of {modes}' + (" (bn_stats='ghost' is ghost BN, norm=batch)."
+                                    if c.bn_stats == 'ghost' else '.'))
   _check(c.bn_noise >= 0, f'bn_noise must be >= 0, got {c.bn_noise}.')
-  if c.norm == 'batch_renorm':
-    try:
-      norms.norm_layer('batch_renorm', **{k[len('renorm_'):]: c[k] for k in settings.RENORM_KEYS})
-    except ValueError as e:
-      raise settings.ConfigError(str(e)) from None
+  try:  # each norm's own checks (e.g. Batch Renorm's clip schedule)
+    norms.from_settings(settings.norm_kind(c), c)
+  except ValueError as e:
+    raise settings.ConfigError(str(e)) from None
   if num_train:  # the schedule's own checks (decay epochs, warm-up within the budget)
     steps = -(-num_train // c.batch_size) if num_devices == 1 else num_train // c.batch_size
     try:

@@ -155,26 +155,16 @@ def min_image_size(model):
   return 1
 
 
-def create_model(name='mlp', *, norm='batch', bn_momentum=0.99, bn_epsilon=1e-3,
-                 bn_axis_name=None, bn_group_size=0, norm_groups=32, renorm_rmax=3.0,
-                 renorm_dmax=5.0, renorm_warmup_steps=5000, renorm_rmax_steps=40000,
-                 renorm_dmax_steps=25000, bn_noise=1.0, **kwargs):
-  """Builds a model by name ('mlp', 'cnn' or 'resnet') normalized by
-  `norms.norm_layer(norm, ...)`, with keyword overrides of its other fields.
-
-  `norm` is one of `norms.NORMS`. `bn_momentum` and `bn_axis_name` serve 'batch', 'ghost' and
-  'batch_renorm'; `bn_epsilon` every norm; `bn_group_size` 'ghost'; `norm_groups` 'group';
-  `renorm_rmax`, `renorm_dmax`, `renorm_warmup_steps`, `renorm_rmax_steps`,
-  `renorm_dmax_steps` 'batch_renorm' (`norm_layer`'s rmax, dmax, warmup_steps, rmax_steps,
-  dmax_steps); `bn_noise` 'noisy_batch' (`norm_layer`'s noise).
-  """
+def create_model(name='mlp', *, norm='batch', bn_axis_name=None, **kwargs):
+  """Builds a model by name ('mlp', 'cnn' or 'resnet') normalized by `norm`: a constructor,
+  or one of `norms.NORMS` built from the norm settings among `kwargs` (named as in
+  `settings.base_config`: `bn_momentum`, `bn_epsilon`, `bn_group_size`, `norm_groups`,
+  `renorm_*`, `bn_noise`; `norms.REGISTRY` says which norm reads which), its statistics synced
+  over `bn_axis_name`; the other `kwargs` override the model's fields."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}: choose one of {tuple(MODELS)}.')
-  layer = norms.norm_layer(norm, momentum=bn_momentum, epsilon=bn_epsilon,
-                           axis_name=bn_axis_name, group_size=bn_group_size, groups=norm_groups,
-                           rmax=renorm_rmax, dmax=renorm_dmax, warmup_steps=renorm_warmup_steps,
-                           rmax_steps=renorm_rmax_steps, dmax_steps=renorm_dmax_steps,
-                           noise=bn_noise)
+  values = {k: kwargs.pop(k) for k in list(kwargs) if k in norms.SETTINGS}
+  layer = (norms.from_settings(norm, values, bn_axis_name) if isinstance(norm, str) else norm)
   return MODELS[name](norm=layer, **kwargs)
 
 

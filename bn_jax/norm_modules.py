@@ -162,21 +162,34 @@ class BatchRenorm(nn.Module):
 
 
 class ChannelNoise(nn.Module):
-  """Santurkar et al. 2018's "noisy BN" perturbation: y = x * a + b with, per step and per
-  channel, a ~ U(1, 1 + amount) and b ~ U(-amount, amount), drawn from the 'dropout' rng
-  stream (a fresh key every step); the identity when no such rng is given (evaluation,
-  statistics passes). amount = 0 gives a = 1, b = 0: plain BN."""
-  amount: float
+  """Santurkar et al. 2018's "noisy BN" perturbation (their Appendix A): time-varying noise of
+  non-zero mean and non-unit variance on the normalized activations,
+    y = x * (a + e_a) + (b + e_b),
+  per step and channel a ~ U(1, 1 + amount / 2) and b ~ U(-amount, amount), per activation
+  (example, position, channel) a small jitter e_a, e_b ~ U(-jitter * amount, jitter * amount);
+  amount = 0.5 (`bn_noise`'s default) gives the paper's scale U(1, 1.25) and shift
+  U(-0.5, 0.5). The draws come from the 'dropout' rng stream (a fresh key every step) in
+  training; in evaluation (`deterministic`) or without that rng (statistics passes) the noise's
+  mean is applied: y = x * (1 + amount / 4), shift 0 (scale 1.125 at amount 0.5), the
+  network the training noise averages to. amount = 0 is plain BN."""
+  amount: float = 0.5
+  jitter: float = 0.1  # per-activation half-width, as a fraction of `amount`
+
+  def mean_scale(self):
+    return 1.0 + self.amount / 4
 
   @nn.compact
-  def __call__(self, x):
-    if not self.has_rng('dropout'):
-      return x
-    scale_key, shift_key = jax.random.split(self.make_rng('dropout'))
-    channels = x.shape[-1:]
-    scale = jax.random.uniform(scale_key, channels, minval=1.0, maxval=1.0 + self.amount)
-    shift = jax.random.uniform(shift_key, channels, minval=-self.amount, maxval=self.amount)
-    return x * scale + shift
+  def __call__(self, x, deterministic=False):
+    if deterministic or not self.has_rng('dropout'):
+      return x * self.mean_scale()
+    keys = jax.random.split(self.make_rng('dropout'), 4)
+    channels, width = x.shape[-1:], self.jitter * self.amount
+    scale = jax.random.uniform(keys[0], channels, minval=1.0, maxval=1.0 + self.amount / 2)
+    shift = jax.random.uniform(keys[1], channels, minval=-self.amount, maxval=self.amount)
+    if width:
+      scale = scale + jax.random.uniform(keys[2], x.shape, minval=-width, maxval=width)
+      shift = shift + jax.random.uniform(keys[3], x.shape, minval=-width, maxval=width)
+    return x * scale.astype(x.dtype) + shift.astype(x.dtype)
 
 
 class GroupNorm(nn.Module):

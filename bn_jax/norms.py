@@ -2,8 +2,10 @@
 into what the models call.
 
 A norm constructor builds a norm module, `norm(use_running_average=not train)(x, mask=...)`,
-as Flax's examples/imagenet passes `partial(nn.BatchNorm, ...)`. `norm_layer(kind, ...)` makes
-one for each kind in `NORMS` (None for 'none'); constructors compare and hash equal for equal
+as Flax's examples/imagenet passes `partial(nn.BatchNorm, ...)`. Each kind is declared once in
+`REGISTRY` (constructor, settings, running statistics, `bn_stats` modes); the settings' lists,
+run identities and checks derive from it, so adding a norm is its constructor class plus one
+entry. `norm_layer(kind, ...)` makes one for each kind in `NORMS` (None for 'none'); constructors compare and hash equal for equal
 settings (models are static arguments of jitted functions) and change settings with
 `.replace(momentum=0.0)`. `normalize(norm, x, train, mask)` is how a model applies one.
 
@@ -28,7 +30,7 @@ channels (and H, W), `min(groups, channels)` groups.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Mapping, Optional
 
 import flax.linen as nn
 
@@ -41,9 +43,13 @@ from bn_jax.norm_modules import GroupNorm
 from bn_jax.norm_modules import renorm_limits
 
 __all__ = ['BatchRenorm', 'ChannelNoise', 'GhostBatchNorm', 'GroupNorm', 'renorm_limits',
-           'NORMS', 'norm_layer', 'normalize']
+           'BN_MOMENTUM', 'BN_EPSILON', 'Norm', 'REGISTRY', 'NORMS', 'SETTINGS', 'norm_layer',
+           'from_settings', 'resolve', 'normalize']
 
-NORMS = ('none', 'batch', 'ghost', 'batch_renorm', 'layer', 'group', 'noisy_batch')
+# BN's defaults everywhere in bn_jax: Keras' momentum and epsilon, as in the original study
+# (Flax's nn.BatchNorm: 0.99 / 1e-5; PyTorch: momentum 0.1, i.e. 0.9 here, eps 1e-5).
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
 
 
 class _NormLayer:
@@ -63,8 +69,8 @@ class _NormLayer:
 @dataclasses.dataclass(frozen=True)
 class BatchNormLayer(_NormLayer):
   """Builds `nn.BatchNorm(use_running_average, momentum, epsilon, axis_name)`."""
-  momentum: float = 0.99
-  epsilon: float = 1e-3
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
   axis_name: Optional[str] = None  # set for BN statistics synced across devices
 
   def __call__(self, use_running_average, **kwargs):
@@ -74,18 +80,19 @@ class BatchNormLayer(_NormLayer):
 
 @dataclasses.dataclass(frozen=True)
 class NoisyBatchNormLayer(_NormLayer):
-  """`nn.BatchNorm` (as 'batch') followed in train mode by `ChannelNoise(noise)`: the
-  normalized activations get a random mean and variance that change every step."""
-  momentum: float = 0.99
-  epsilon: float = 1e-3
+  """`nn.BatchNorm` (as 'batch') followed by `ChannelNoise(noise)`: in training the normalized
+  activations get a random mean and variance that change every step; in evaluation the
+  noise's mean (scale 1 + noise / 4, shift 0)."""
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
   axis_name: Optional[str] = None
-  noise: float = 1.0
+  noise: float = 0.5
 
   def __call__(self, use_running_average, **kwargs):
     def apply(x, mask=None):
       y = nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
                        epsilon=self.epsilon, axis_name=self.axis_name, **kwargs)(x, mask=mask)
-      return y if use_running_average else ChannelNoise(self.noise)(y)
+      return ChannelNoise(self.noise)(y, deterministic=use_running_average)
     return apply
 
 
@@ -93,9 +100,9 @@ class NoisyBatchNormLayer(_NormLayer):
 class GhostBatchNormLayer(_NormLayer):
   """Builds `GhostBatchNorm(group_size, use_running_average, momentum, epsilon)`, named as
   `nn.BatchNorm` would be in its place."""
-  group_size: int  # examples per ghost-BN group
-  momentum: float = 0.99
-  epsilon: float = 1e-3
+  group_size: int = 0  # examples per ghost-BN group (> 0)
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
 
   def __post_init__(self):
     if self.group_size <= 0:
@@ -111,8 +118,8 @@ class GhostBatchNormLayer(_NormLayer):
 class BatchRenormLayer(_NormLayer):
   """Builds `BatchRenorm(use_running_average, momentum, epsilon, axis_name, rmax, dmax,
   warmup_steps, rmax_steps, dmax_steps)` (see `BatchRenorm` and `renorm_limits`)."""
-  momentum: float = 0.99
-  epsilon: float = 1e-3
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
   axis_name: Optional[str] = None  # set for statistics synced across devices
   rmax: float = 3.0
   dmax: float = 5.0
@@ -146,7 +153,7 @@ class LayerNormLayer(_NormLayer):
   """Builds `nn.LayerNorm(epsilon)` over all axes of an example (the features of a Dense
   layer; H, W, C of a conv map), with a scale and bias per channel (last axis); the mask and
   `use_running_average` are ignored (no batch statistics)."""
-  epsilon: float = 1e-3
+  epsilon: float = BN_EPSILON
 
   def __call__(self, use_running_average=None, **kwargs):
     del use_running_average  # the same in train and eval mode
@@ -166,7 +173,7 @@ class GroupNormLayer(_NormLayer):
   Dense layer's output the features are grouped. The mask and `use_running_average` are
   ignored (no batch statistics)."""
   groups: int = 32  # Wu & He 2018
-  epsilon: float = 1e-3
+  epsilon: float = BN_EPSILON
 
   def __post_init__(self):
     if self.groups <= 0:
@@ -189,36 +196,76 @@ class GroupNormLayer(_NormLayer):
     return apply
 
 
-def norm_layer(kind, *, momentum=0.99, epsilon=1e-3, axis_name=None, group_size=0, groups=32,
-               rmax=3.0, dmax=5.0, warmup_steps=5000, rmax_steps=40000, dmax_steps=25000,
-               noise=1.0):
-  """The norm constructor for `kind` (one of `NORMS`): None for 'none'.
+@dataclasses.dataclass(frozen=True)
+class Norm:
+  """A norm kind, declared once; everything else about norms derives from `REGISTRY`.
 
-  'batch' is `nn.BatchNorm` with statistics synced over `axis_name` when set; 'ghost' is
-  `GhostBatchNorm` over groups of `group_size` > 0 examples (its statistics are each device's
-  own: `axis_name` is unused); 'batch_renorm' is `BatchRenorm` with `momentum`, `axis_name`
-  and the clip schedule `rmax`, `dmax`, `warmup_steps`, `rmax_steps`, `dmax_steps` (see
-  `renorm_limits`); 'layer' is `nn.LayerNorm` over each example; 'group' is `nn.GroupNorm` with
-  min(`groups`, channels) groups; 'noisy_batch' is 'batch' plus `ChannelNoise(noise)` in train
-  mode. `epsilon` is every kind's; the other arguments are unused by
-  the kinds they do not name.
+  Attributes:
+    name: its name (`norm_layer(name)`, the `norm` setting).
+    layer: its constructor class (None: no norm).
+    settings: constructor field -> the `settings.base_config` key it comes from; exactly
+      these settings (and, with running statistics, BN's evaluation settings) enter a run's
+      identity and are read only with this norm.
+    running_stats: whether it keeps running averages in `batch_stats` (then `bn_stats`,
+      `bn_batch_of_one`, `precise_bn_examples` and `bn_ema_bias_correction` apply).
+    bn_stats: the `bn_stats` modes it supports (where its training statistics come from).
+    configurable: whether `--config.norm` names it; ghost BN is `norm=batch` with
+      `bn_stats=ghost`.
   """
-  if kind == 'none':
+  name: str
+  layer: Optional[type] = None
+  settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  running_stats: bool = False
+  bn_stats: tuple = ()
+  configurable: bool = True
+
+
+_BN = {'momentum': 'bn_momentum', 'epsilon': 'bn_epsilon'}
+REGISTRY = {norm.name: norm for norm in (
+    Norm('none'),
+    Norm('batch', BatchNormLayer, _BN, True, ('sync', 'local', 'ghost')),
+    Norm('ghost', GhostBatchNormLayer, {'group_size': 'bn_group_size', **_BN}, True, ('ghost',),
+         configurable=False),
+    Norm('batch_renorm', BatchRenormLayer, {**_BN, **{k: f'renorm_{k}' for k in (
+        'rmax', 'dmax', 'warmup_steps', 'rmax_steps', 'dmax_steps')}}, True, ('sync', 'local')),
+    Norm('layer', LayerNormLayer, {'epsilon': 'bn_epsilon'}),
+    Norm('group', GroupNormLayer, {'groups': 'norm_groups', 'epsilon': 'bn_epsilon'}),
+    Norm('noisy_batch', NoisyBatchNormLayer, {**_BN, 'noise': 'bn_noise'}, True,
+         ('sync', 'local')),
+)}
+NORMS = tuple(REGISTRY)
+# The settings some norm reads: setting -> the norms that read it.
+SETTINGS = {s: tuple(n.name for n in REGISTRY.values() if s in n.settings.values())
+            for n in REGISTRY.values() for s in n.settings.values()}
+
+
+def norm_layer(kind, *, axis_name=None, **fields):
+  """The norm constructor for `kind` (one of `NORMS`; None for 'none') from its constructor
+  fields (e.g. `momentum`, `epsilon`, `group_size`, `groups`, `rmax`, `noise`: see each
+  `*Layer` class); fields the kind does not have are ignored, missing ones take their
+  defaults. `axis_name` syncs the statistics of the kinds that have one across devices.
+  'batch' is `nn.BatchNorm`; 'ghost' `GhostBatchNorm` over groups of `group_size` > 0
+  examples; 'batch_renorm' `BatchRenorm` (see `renorm_limits`); 'layer' `nn.LayerNorm` over
+  each example; 'group' `nn.GroupNorm` with min(`groups`, channels) groups; 'noisy_batch'
+  'batch' plus `ChannelNoise(noise)` (drawn in train mode, its mean in eval mode)."""
+  if kind not in REGISTRY:
+    raise ValueError(f'unknown norm {kind!r}: choose one of {NORMS}.')
+  layer = REGISTRY[kind].layer
+  if layer is None:
     return None
-  if kind == 'batch':
-    return BatchNormLayer(momentum, epsilon, axis_name)
-  if kind == 'ghost':
-    return GhostBatchNormLayer(group_size, momentum, epsilon)
-  if kind == 'batch_renorm':
-    return BatchRenormLayer(momentum, epsilon, axis_name, rmax, dmax, warmup_steps, rmax_steps,
-                            dmax_steps)
-  if kind == 'noisy_batch':
-    return NoisyBatchNormLayer(momentum, epsilon, axis_name, noise)
-  if kind == 'layer':
-    return LayerNormLayer(epsilon)
-  if kind == 'group':
-    return GroupNormLayer(groups, epsilon)
-  raise ValueError(f'unknown norm {kind!r}: choose one of {NORMS}.')
+  names = {f.name for f in dataclasses.fields(layer)}
+  kwargs = {k: v for k, v in fields.items() if k in names}
+  if 'axis_name' in names:
+    kwargs['axis_name'] = axis_name
+  return layer(**kwargs)
+
+
+def from_settings(kind, values, axis_name=None):
+  """The norm constructor for `kind` from setting values (a config, or a dict keyed by
+  `settings.base_config` names such as 'bn_momentum'); settings missing take the defaults."""
+  declared = REGISTRY[kind].settings if kind in REGISTRY else {}
+  return norm_layer(kind, axis_name=axis_name, **{
+      field: values[setting] for field, setting in declared.items() if setting in values})
 
 
 def resolve(norm):

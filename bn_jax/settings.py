@@ -17,6 +17,7 @@ import ml_collections
 
 from bn_jax import errors
 from bn_jax import models
+from bn_jax import norms
 from bn_jax import optim
 from bn_jax import parallel
 
@@ -77,8 +78,8 @@ def base_config():
   # Its dtype: 'bfloat16' (TPU, GPUs since Ampere) or 'float16' (older GPUs), which trains with
   # dynamic loss scaling (Flax's DynamicScale, as examples/imagenet does on GPU).
   c.half_precision_dtype = 'bfloat16'
-  c.bn_momentum = 0.99  # Keras' default, as in the original study (PyTorch's 0.1 is 0.9 here)
-  c.bn_epsilon = 1e-3  # Keras' default (Flax and PyTorch use 1e-5)
+  c.bn_momentum = norms.BN_MOMENTUM  # 0.99, Keras' (PyTorch's 0.1 is 0.9 here)
+  c.bn_epsilon = norms.BN_EPSILON  # 1e-3, Keras' (Flax and PyTorch use 1e-5)
   # Optimizer (bn_jax/optim.py): adam (the original study) | sgd | momentum | nesterov | adamw
   c.optimizer = 'adam'
   c.learning_rate = 1e-3
@@ -149,11 +150,13 @@ def base_config():
   return c
 
 
-NORMS = ('batch', 'none', 'layer', 'group', 'batch_renorm', 'noisy_batch')
-# norms with batch statistics and running averages
-RUNNING_STATS = ('batch', 'batch_renorm', 'noisy_batch')
-RENORM_KEYS = ('renorm_rmax', 'renorm_dmax', 'renorm_warmup_steps', 'renorm_rmax_steps',
-               'renorm_dmax_steps')
+# The values of `norm` (ghost BN is norm=batch, bn_stats=ghost), and those with running averages
+# of batch statistics: both from `norms.REGISTRY`, where each norm is declared once.
+NORMS = tuple(n.name for n in norms.REGISTRY.values() if n.configurable)
+RUNNING_STATS = tuple(n for n in NORMS if norms.REGISTRY[n].running_stats)
+# BN's evaluation settings, read (and in the identity) with running statistics only.
+RUNNING_STATS_KEYS = ('bn_stats', 'bn_batch_of_one', 'precise_bn_examples',
+                      'bn_ema_bias_correction')
 
 
 def identity(config, num_devices=1, data_content=None):
@@ -190,23 +193,20 @@ def identity(config, num_devices=1, data_content=None):
     run['save_states_at'] = list(c.save_states_at)
   if c.lr_schedule == 'step':
     run.update(lr_decay_epochs=list(c.lr_decay_epochs), lr_decay_factor=c.lr_decay_factor)
-  if c.norm != 'none':
-    run['bn_epsilon'] = c.bn_epsilon
-  if c.norm in RUNNING_STATS:
-    run.update(bn_stats=c.bn_stats, bn_momentum=c.bn_momentum)
-    if c.bn_stats == 'ghost':
-      run['bn_group_size'] = c.bn_group_size
+  declared = norms.REGISTRY[norm_kind(c)]  # its settings, from the one declaration
+  run.update({setting: c[setting] for setting in declared.settings.values()})
+  if declared.running_stats:
+    run['bn_stats'] = c.bn_stats
     if c.precise_bn_examples:
       run['precise_bn_examples'] = c.precise_bn_examples
     if c.bn_ema_bias_correction:
       run['bn_ema_bias_correction'] = True
-  if c.norm == 'group':
-    run['norm_groups'] = c.norm_groups
-  if c.norm == 'batch_renorm':
-    run.update({k: c[k] for k in RENORM_KEYS})
-  if c.norm == 'noisy_batch':
-    run['bn_noise'] = c.bn_noise
   return run
+
+
+def norm_kind(config):
+  """The norm a config builds: `norm`, except ghost BN for norm=batch with bn_stats=ghost."""
+  return 'ghost' if config.norm == 'batch' and config.bn_stats == 'ghost' else config.norm
 
 
 def make_model(config, data_parallel=False):
@@ -214,16 +214,10 @@ def make_model(config, data_parallel=False):
   'sync' (the whole batch, across devices when `data_parallel`), 'local' (each device's part;
   on one device the whole batch) or 'ghost' (groups of `bn_group_size` examples)."""
   c = config
-  norm = c.norm
-  if norm == 'batch' and c.bn_stats == 'ghost':
-    norm = 'ghost'
-  layers = _layers(c)
-  synced = c.norm in RUNNING_STATS and c.bn_stats == 'sync' and data_parallel
-  return models.create_model(
-      c.model, norm=norm, bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon,
-      bn_group_size=c.bn_group_size, bn_noise=c.bn_noise,
-      bn_axis_name=parallel.AXIS if synced else None, norm_groups=c.norm_groups,
-      **{k: c[k] for k in RENORM_KEYS}, **layers)
+  kind = norm_kind(c)
+  synced = norms.REGISTRY[kind].running_stats and c.bn_stats == 'sync' and data_parallel
+  layer = norms.from_settings(kind, c, parallel.AXIS if synced else None)
+  return models.create_model(c.model, norm=layer, **_layers(c))
 
 
 def _layers(c):
