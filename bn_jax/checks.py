@@ -269,7 +269,8 @@ def _check_reach(configs, num_train, num_devices):
          'fewer.')
   for c, s in plans:
     outside = [p for p in c.save_states_at if not 0 < p <= s.total_steps]
-    _check(not outside, f'save_states_at={tuple(c.save_states_at)}: step {outside[0] if outside else 0} is '
+    first = outside[0] if outside else 0
+    _check(not outside, f'save_states_at={tuple(c.save_states_at)}: step {first} is '
            f'outside the run of {s.total_steps} steps ({c.model}/{c.norm} batch '
            f'{c.batch_size}): list steps from 1 to {s.total_steps}.' if outside else '')
   stepped = [(c, s) for c, s in plans if c.lr_schedule == 'step']

@@ -5,7 +5,8 @@ A norm constructor builds a norm module, `norm(use_running_average=not train)(x,
 as Flax's examples/imagenet passes `partial(nn.BatchNorm, ...)`. Each kind is declared once in
 `REGISTRY` (constructor, settings, running statistics, `bn_stats` modes); the settings' lists,
 run identities and checks derive from it, so adding a norm is its constructor class plus one
-entry. `norm_layer(kind, ...)` makes one for each kind in `NORMS` (None for 'none'); constructors compare and hash equal for equal
+entry. `norm_layer(kind, ...)` makes one for each kind in `NORMS` (None for 'none');
+constructors compare and hash equal for equal
 settings (models are static arguments of jitted functions) and change settings with
 `.replace(momentum=0.0)`. `normalize(norm, x, train, mask)` is how a model applies one.
 

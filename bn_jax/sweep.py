@@ -313,8 +313,9 @@ def run(config, dataset, *, experiment, runner=None, **overrides):
 
 def _reusable(work, runs, code, on_code_change, save_states, fingerprint):
   """The finished runs this sweep can use, by (run key, seed); applies `on_code_change` to
-  those made by code that gives other numbers (`code_version.same_numbers`; `fingerprint(key,
-  seeds trained together)` gives a configuration's programs fingerprint today)."""
+  those made by code that may give other numbers (`code_version.same_numbers`;
+  `fingerprint(key, seeds trained together)` gives a configuration's programs fingerprint
+  today)."""
   if not work:
     return {}
   wanted = {(key, s): work.finished[key, s] for key, (_, _, seeds) in runs.items()
@@ -323,17 +324,17 @@ def _reusable(work, runs, code, on_code_change, save_states, fingerprint):
       r['code'], code, functools.partial(fingerprint, r['run_key']))]
   if stale and on_code_change == 'refuse':
     raise settings.ConfigError(
-        f'{len(stale)} finished runs in {work.results_path} were made by code that gives '
-        f'other numbers (their programs or host code differ from today\'s; commit '
-        f'{stale[0]["code"]["commit"]}): pass --config.on_code_change=retrain to train them '
-        'again with this code, --config.on_code_change=reuse to use them as they are, or use '
-        'another --workdir.')
+        f'{len(stale)} finished runs in {work.results_path} were made by code that may give '
+        f'other numbers (their programs or the host code that shapes a run differ from '
+        f'today\'s; commit {stale[0]["code"]["commit"]}): pass '
+        '--config.on_code_change=retrain to train them again with this code, '
+        '--config.on_code_change=reuse to use them as they are, or use another --workdir.')
   if stale and on_code_change == 'retrain':
     work.supersede(stale)
     for r in stale:
       del wanted[r['run_key'], r['seed']]
   elif stale and results.is_writer():
-    print(f're-using {len(stale)} finished runs made by code that gives other numbers '
+    print(f're-using {len(stale)} finished runs made by code that may give other numbers '
           '(on_code_change=reuse); their records name their code.')
   if save_states:
     lost = [(key, s, step) for (key, s), r in wanted.items()
@@ -383,8 +384,8 @@ def _run_file(directory):
 
 def _checkpointer(work, key, code, seeds, c, programs):
   """The run's checkpoints: `checkpoints/<key>-<tag>`, the tag naming the host code and seeds
-  and its RUN_FILE the `programs` fingerprint, so a checkpoint of code that gives other numbers
-  or of other seeds is never resumed (it is deleted instead)."""
+  and its RUN_FILE the `programs` fingerprint, so a checkpoint of code that may give other
+  numbers or of other seeds is never resumed (it is deleted instead)."""
   name = _checkpoint_name(key, code, seeds)
   parent = os.path.dirname(work.checkpoint_dir(name))
   if os.path.isdir(parent) and results.is_writer():

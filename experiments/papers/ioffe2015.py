@@ -218,7 +218,8 @@ def notes(config, rates, runs, drift, normalized):
   walls = {n: runs[n][0]['wall_seconds'] for n in NORMS}
   return [
       f'Rate rule: SGD rates {tuple(config.lrs)} for {config.select_steps} steps on seeds '
-      f'{config.first_seed + config.seeds}..{config.first_seed + config.seeds + config.select_seeds - 1}'
+      f'{config.first_seed + config.seeds}..'
+      f'{config.first_seed + config.seeds + config.select_seeds - 1}'
       f' (the tested seeds are {config.first_seed}..{config.first_seed + config.seeds - 1}); '
       f'mean val accuracy {rule}.',
       f'Paper: MNIST, 3x100 sigmoid, N(0, small) weights, batch 60, 50,000 steps, optimizer '
@@ -227,7 +228,8 @@ def notes(config, rates, runs, drift, normalized):
       f'{config.seeds} seeds; each network trained once per seed ({walls["batch"]:.0f} s BN, '
       f'{walls["none"]:.0f} s none, seeds together).',
       'Steps to the target: the first validation point (every '
-      f'{runs["none"][0]["curve"][0]["step"]} steps) at or above it; a network that never reaches it counts the whole budget.',
+      f'{runs["none"][0]["curve"][0]["step"]} steps) at or above it; a network that never '
+      'reaches it counts the whole budget.',
       'Drift (`bn_jax.papers.drift`): per unit, mean over step 0 and the earlier points of '
       '|median - final median| + |width - final width|, width = 85th - 15th percentile, '
       'relative: divided by the final width; averaged over the '
