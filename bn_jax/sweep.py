@@ -3,9 +3,10 @@ its workdir has not finished, records each run as soon as it finishes, resumes a
 
 A configuration is keyed by its identity (`settings.identity`), so growing a grid or `seeds`
 trains just the new pairs, the missing seeds of a configuration stacked in one program.
-Finished runs made by other code are handled by `config.on_code_change` (refuse, retrain or
-reuse). Unfinished ones checkpoint to `checkpoints/<run key>-<tag>/` (the tag names the code
-and the seeds being trained) and resume from there. A configuration whose seeds were partly
+Finished runs made by code that may give other numbers are handled by `config.on_code_change`
+(refuse, retrain or reuse; `bn_jax.reuse`). Unfinished ones checkpoint to
+`checkpoints/<run key>-<tag>/` (the tag names the host code and the seeds being trained) and
+resume from there. A configuration whose seeds were partly
 recorded when the process died resumes its checkpoint with all the seeds it was training (their
 numbers depend on training together) and records the missing ones.
 """
@@ -14,16 +15,12 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import json
 import os
-import shutil
 import threading
 import time
 
 import jax
 
-from bn_jax import checkpoint
 from bn_jax import checks
 from bn_jax import code_version
 from bn_jax import data
@@ -31,6 +28,7 @@ from bn_jax import interrupt
 from bn_jax import loop
 from bn_jax import parallel
 from bn_jax import results
+from bn_jax import reuse
 from bn_jax import settings
 from bn_jax import shards
 from bn_jax import summaries
@@ -94,20 +92,13 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     runner: one device (default for one device) or a `parallel.DataParallel`.
     save_states: also keep each run's final variables (`Workdir.load_state`), for
       measurements of trained weights.
+    compile_threads: threads compiling programs ahead (0: one per CPU core).
     script: the script whose hash joins the code version (default: the `__main__` file).
   Returns:
     A list of records, the seeds of each grid entry in order.
   """
   runner = runner or make_runner(config)
-  configs = [settings.resolve(config, **overrides) for overrides in grid]
-  for c in configs:
-    checks.validate(c, runner.num_devices, len(dataset.train_labels))
-    if c.standardize != dataset.standardize:
-      raise settings.ConfigError(
-          f'standardize={c.standardize}, but the dataset was loaded with standardize='
-          f'{dataset.standardize}: it is a data setting, one per sweep; set '
-          '--config.standardize (sweep.load_data loads the data with it), not a grid entry.')
-  checks.check_sweep(configs, dataset, runner.num_devices, workdir)
+  configs = _validated(config, dataset, grid, runner, workdir)
   code = code_version.version(script)
   shard = shards.parse(config.shard)
   if shard and not workdir:
@@ -119,124 +110,143 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
     runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(
         settings.seed_list(c))
-  # The settings the grid varies (TensorBoard names each run by those in its identity).
-  varied = {k for overrides in grid for k in overrides if len({repr(c[k]) for c in configs}) > 1}
   device_data = train.DeviceData.put(dataset, runner)
   fingerprint = functools.lru_cache(maxsize=None)(  # (run key, seeds trained together) -> str
       lambda key, n: loop.program_fingerprint(**_programs_of(runs[key][0], device_data, runner),
                                               seeds=list(range(n))))
-  finished = _reusable(work, runs, code, config.on_code_change, save_states, fingerprint)
+  finished = reuse.reusable(work, runs, code, config.on_code_change, save_states, fingerprint)
   todo = []  # (key, config, identity, seeds to train, seeds to record)
   for key, (c, identity, seeds) in runs.items():
     new = sorted(s for s in seeds if (key, s) not in finished and shards.owns(shard, key))
     if new:
-      todo.append((key, c, identity, _seeds_to_train(work, key, code, new), new))
-  total, missing = sum(len(r[2]) for r in runs.values()), sum(len(t[4]) for t in todo)
+      todo.append((key, c, identity, reuse.seeds_to_train(work, key, code, new), new))
+  missing = sum(len(t[4]) for t in todo)
   if work and results.is_writer():
     part = f' (shard {shard[0]}/{shard[1]})' if shard else ''
+    total = sum(len(r[2]) for r in runs.values())
     print(f'{workdir}{part}: {total - missing} of {total} runs finished before; training '
           f'{missing} runs in {len(todo)} configurations.', flush=True)
+  # The settings the grid varies (TensorBoard names each run by those in its identity).
+  varied = {k for overrides in grid for k in overrides if len({repr(c[k]) for c in configs}) > 1}
+  trainer = _Trainer(experiment, work, code, save_states, varied,
+                     isinstance(runner, parallel.DataParallel))
+  trainer.train_all(todo, _lanes(config, runner, dataset, device_data, len(todo)),
+                    compile_threads)
+  every = {**finished, **trainer.recorded}
+  if shard:
+    every = _all_shards_done(work, runs, trainer.recorded, shard, missing)
+  return [every[results.run_key(settings.identity(c, runner.num_devices, dataset.fingerprint)),
+                s] for c in configs for s in settings.seed_list(c)]
 
-  data_parallel = isinstance(runner, parallel.DataParallel)
-  lanes = _lanes(config, runner, dataset, device_data, len(todo))
 
-  def compile_one(c, seeds, lane):
-    return loop.compile_programs(**_programs_of(c, lane.data, lane.runner), seeds=seeds)
+def _validated(config, dataset, grid, runner, workdir):
+  """The grid's configurations, each checked (`checks.validate`), then the sweep as a whole
+  (`checks.check_sweep`)."""
+  configs = [settings.resolve(config, **overrides) for overrides in grid]
+  for c in configs:
+    checks.validate(c, runner.num_devices, len(dataset.train_labels))
+    if c.standardize != dataset.standardize:
+      raise settings.ConfigError(
+          f'standardize={c.standardize}, but the dataset was loaded with standardize='
+          f'{dataset.standardize}: it is a data setting, one per sweep; set '
+          '--config.standardize (sweep.load_data loads the data with it), not a grid entry.')
+  checks.check_sweep(configs, dataset, runner.num_devices, workdir)
+  return configs
 
-  lock, stop = threading.Lock(), threading.Event()
 
-  def train_one(key, c, identity, seeds, new, programs, lane):
+def _all_shards_done(work, runs, recorded, shard, trained):
+  """Every record of the sweep from every shard's file; `ShardDone` while some are missing."""
+  every = {**work.refresh(), **recorded}
+  left = [(key, s) for key, (_, _, seeds) in runs.items() for s in seeds
+          if (key, s) not in every]
+  if left:
+    raise shards.ShardDone(
+        f'shard {shard[0]}/{shard[1]}: its {trained} runs are done; {len(left)} runs of other '
+        'shards are not finished yet, so the tables come with the last shard to finish (or '
+        'the same command without --config.shard, which trains nothing then).')
+  return every
+
+
+class _Trainer:
+  """Trains a sweep's configurations on worker threads and records each as it finishes."""
+
+  def __init__(self, experiment, work, code, save_states, varied, data_parallel):
+    self.experiment, self.work, self.code = experiment, work, code
+    self.save_states, self.varied, self.data_parallel = save_states, varied, data_parallel
+    self.lock, self.stop, self.recorded = threading.Lock(), threading.Event(), {}
+
+  def train_all(self, todo, lanes, compile_threads):
+    """Programs compile ahead on `compile_threads`; each lane trains `lane.threads`
+    configurations at once, each on its own thread (a run's numbers do not depend on the
+    others); configuration j goes to lane j mod len(lanes)."""
+    pick = lambda j: lanes[j % len(lanes)]
+    with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool, \
+         contextlib.ExitStack() as stack:
+      workers = [stack.enter_context(concurrent.futures.ThreadPoolExecutor(lane.threads))
+                 for lane in lanes]
+      compiled = [pool.submit(lambda c, seeds, lane: loop.compile_programs(
+          **_programs_of(c, lane.data, lane.runner), seeds=seeds), t[1], t[3], pick(j))
+                  for j, t in enumerate(todo)]
+      running = [workers[j % len(lanes)].submit(self.train_one, *t, programs, pick(j))
+                 for j, (t, programs) in enumerate(zip(todo, compiled))]
+      concurrent.futures.wait(running)
+      if self.stop.is_set():
+        pool.shutdown(cancel_futures=True)
+      errors = [f.exception() for f in running if f.exception()]
+      if errors:  # a real error before an interruption
+        raise next((e for e in errors if not isinstance(e, interrupt.Interrupted)), errors[0])
+
+  def train_one(self, key, c, identity, seeds, new, programs, lane):
     """Trains one configuration's `seeds` together on `lane`'s devices and records those in
-    `new` (all of them unless a checkpoint resumes seeds recorded before); on a worker
-    thread."""
-    if stop.is_set() or interrupt.requested():  # nothing of this one started yet
-      stop.set()
+    `new` (all of them unless a checkpoint resumes seeds recorded before)."""
+    if self.stop.is_set() or interrupt.requested():  # nothing of this one started yet
+      self.stop.set()
       raise interrupt.Interrupted(None, interrupt.signum())
+    work = self.work
     try:
       programs = programs.result()
-      checkpointer = (_checkpointer(work, key, code, seeds, c, programs.fingerprint)
+      checkpointer = (reuse.checkpointer(work, key, self.code, seeds, c, programs.fingerprint)
                       if work else None)
-      logger = (summaries.RunSummaries(work.path, key, seeds, identity, varied)
+      logger = (summaries.RunSummaries(work.path, key, seeds, identity, self.varied)
                 if work and c.tensorboard else None)
       t0 = time.perf_counter()
       seed_results, states = loop.fit(
-          settings.make_model(c, data_parallel), lane.data, seeds=seeds,
+          settings.make_model(c, self.data_parallel), lane.data, seeds=seeds,
           programs=programs, runner=lane.runner, checkpointer=checkpointer,
           desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
-          logger=logger, on_save=_state_saver(work, key, seeds) if save_states else None,
+          logger=logger,
+          on_save=reuse.state_saver(work, key, seeds) if self.save_states else None,
           **{k: v for k, v in settings.fit_args(c).items() if k not in loop.COMPILE_ARGS})
       wall = time.perf_counter() - t0
     except BaseException:
-      stop.set()  # the configurations not started yet are skipped
+      self.stop.set()  # the configurations not started yet are skipped
       raise
-    made_by = {**code, 'programs': programs.fingerprint, 'program_seeds': len(seeds)}
-    records = [results.make_record(experiment=experiment, config=c, identity=identity,
+    made_by = {**self.code, 'programs': programs.fingerprint, 'program_seeds': len(seeds)}
+    records = [results.make_record(experiment=self.experiment, config=c, identity=identity,
                                    seed_result=r, code=made_by, wall_seconds=wall,
                                    devices=lane.devices) for r in seed_results
                if r['seed'] in new]
-    with lock:
+    with self.lock:
       if work:
-        results.check_lock(work.path)
-        if save_states:  # before the records: a recorded run always has its state
-          for i, seed in enumerate(seeds):
-            if seed not in new:
-              continue
-            work.save_state(key, seed, {'params': jax.tree.map(lambda x: x[i], states.params),
-                                        'batch_stats': jax.tree.map(lambda x: x[i],
-                                                                    states.batch_stats)})
-        results.append_records(work.results_path, records)
-        if not c.keep_checkpoints and results.is_writer():
-          checkpointer.delete()
-          with contextlib.suppress(OSError):  # checkpoints/ too, when no run's are left
-            os.rmdir(os.path.dirname(checkpointer.directory))
-      recorded.update({(key, r['seed']): r for r in records})
+        self.record(key, c, seeds, new, states, records, checkpointer)
+      self.recorded.update({(key, r['seed']): r for r in records})
       _say_warnings(c, records)
 
-  recorded = {}
-  # Programs compile ahead on `compile_threads`; each lane trains `lane.threads`
-  # configurations at once, each on its own thread (a run's numbers do not depend on the
-  # others); configuration j goes to lane j mod len(lanes).
-  with concurrent.futures.ThreadPoolExecutor(compile_threads or os.cpu_count() or 1) as pool, \
-       contextlib.ExitStack() as stack:
-    workers = [stack.enter_context(concurrent.futures.ThreadPoolExecutor(lane.threads))
-               for lane in lanes]
-    pick = lambda j: lanes[j % len(lanes)]
-    compiled = [pool.submit(compile_one, t[1], t[3], pick(j)) for j, t in enumerate(todo)]
-    running = [workers[j % len(lanes)].submit(train_one, *t, programs, pick(j))
-               for j, (t, programs) in enumerate(zip(todo, compiled))]
-    concurrent.futures.wait(running)
-    if stop.is_set():
-      pool.shutdown(cancel_futures=True)
-    errors = [f.exception() for f in running if f.exception()]
-    if errors:  # a real error before an interruption
-      raise next((e for e in errors if not isinstance(e, interrupt.Interrupted)), errors[0])
-  every = {**finished, **recorded}
-  if shard:
-    every = {**work.refresh(), **recorded}
-    left = [(key, s) for key, (_, _, seeds) in runs.items() for s in seeds
-            if (key, s) not in every]
-    if left:
-      raise shards.ShardDone(
-          f'shard {shard[0]}/{shard[1]}: its {missing} runs are done; {len(left)} runs of other '
-          'shards are not finished yet, so the tables come with the last shard to finish (or '
-          'the same command without --config.shard, which trains nothing then).')
-  out = []
-  for c in configs:
-    key = results.run_key(settings.identity(c, runner.num_devices, dataset.fingerprint))
-    out += [every[key, s] for s in settings.seed_list(c)]
-  return out
-
-
-def _state_saver(work, key, seeds):
-  """`fit`'s `on_save`: keeps every seed's variables at a `save_states_at` step (the states
-  are written before the checkpoint that passes them, so a resumed run has them all)."""
-  if not work or not results.is_writer():
-    return None
-
-  def save(step, variables):
-    for i, seed in enumerate(seeds):
-      work.save_state(key, seed, jax.tree.map(lambda x: x[i], variables), step)
-  return save
+  def record(self, key, c, seeds, new, states, records, checkpointer):
+    """Writes a configuration's records (its final states first, when kept), then deletes its
+    checkpoints."""
+    results.check_lock(self.work.path)
+    if self.save_states:  # before the records: a recorded run always has its state
+      for i, seed in enumerate(seeds):
+        if seed in new:
+          pick = functools.partial(lambda x, j: x[j], j=i)
+          self.work.save_state(key, seed, {'params': jax.tree.map(pick, states.params),
+                                           'batch_stats': jax.tree.map(pick, states.batch_stats)})
+    results.append_records(self.work.results_path, records)
+    if not c.keep_checkpoints and results.is_writer():
+      checkpointer.delete()
+      with contextlib.suppress(OSError):  # checkpoints/ too, when no run's are left
+        os.rmdir(os.path.dirname(checkpointer.directory))
 
 
 @dataclasses.dataclass
@@ -309,94 +319,3 @@ def concurrent_runs(config, runner, num_configs):
 def run(config, dataset, *, experiment, runner=None, **overrides):
   """Trains every seed of one configuration (no workdir); returns one record per seed."""
   return sweep(config, dataset, [overrides], experiment=experiment, runner=runner)
-
-
-def _reusable(work, runs, code, on_code_change, save_states, fingerprint):
-  """The finished runs this sweep can use, by (run key, seed); applies `on_code_change` to
-  those made by code that may give other numbers (`code_version.same_numbers`;
-  `fingerprint(key, seeds trained together)` gives a configuration's programs fingerprint
-  today)."""
-  if not work:
-    return {}
-  wanted = {(key, s): work.finished[key, s] for key, (_, _, seeds) in runs.items()
-            for s in seeds if (key, s) in work.finished}
-  stale = [r for r in wanted.values() if not code_version.same_numbers(
-      r['code'], code, functools.partial(fingerprint, r['run_key']))]
-  if stale and on_code_change == 'refuse':
-    raise settings.ConfigError(
-        f'{len(stale)} finished runs in {work.results_path} were made by code that may give '
-        f'other numbers (their programs or the host code that shapes a run differ from '
-        f'today\'s; commit {stale[0]["code"]["commit"]}): pass '
-        '--config.on_code_change=retrain to train them again with this code, '
-        '--config.on_code_change=reuse to use them as they are, or use another --workdir.')
-  if stale and on_code_change == 'retrain':
-    work.supersede(stale)
-    for r in stale:
-      del wanted[r['run_key'], r['seed']]
-  elif stale and results.is_writer():
-    print(f're-using {len(stale)} finished runs made by code that may give other numbers '
-          '(on_code_change=reuse); their records name their code.')
-  if save_states:
-    lost = [(key, s, step) for (key, s), r in wanted.items()
-            for step in [None] + [p['step'] for p in r.get('saved', [])]
-            if not os.path.exists(work.state_path(key, s, step))]
-    if lost:
-      raise settings.ConfigError(
-          f'{len(lost)} finished runs in {work.results_path} have no saved final state (e.g. '
-          f'{work.state_path(*lost[0])}), which this experiment measures: use another '
-          '--workdir, or --config.on_code_change=retrain after deleting their records.')
-  return wanted
-
-
-def _checkpoint_name(key, code, seeds):
-  """`<run key>-<tag>`, the tag a hash of the host code and the seeds trained together (the
-  directory's RUN_FILE names its programs)."""
-  tag = hashlib.sha1(f'{code["host"]} {list(seeds)}'.encode()).hexdigest()[:8]
-  return f'{key}-{tag}'
-
-
-# In a run's checkpoint directory: the seeds it trains together, and its programs' fingerprint.
-RUN_FILE = 'seeds.json'
-
-
-def _seeds_to_train(work, key, code, new):
-  """The seeds to train for the unrecorded seeds `new`: those of a checkpoint of this host code
-  that holds them all (a kill after some of its seeds were recorded), else `new` itself (a
-  checkpoint of other programs is discarded when training starts, `_checkpointer`)."""
-  parent = os.path.join(work.path, 'checkpoints') if work else ''
-  for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
-    seeds = _run_file(os.path.join(parent, name)).get('seeds')
-    if isinstance(seeds, list) and name == _checkpoint_name(key, code, seeds) and \
-       set(new) <= set(seeds):
-      return seeds
-  return new
-
-
-def _run_file(directory):
-  """A checkpoint directory's RUN_FILE ({} when missing or unreadable)."""
-  try:
-    with open(os.path.join(directory, RUN_FILE), encoding='utf-8') as f:
-      found = json.load(f)
-  except (OSError, ValueError):
-    return {}
-  return found if isinstance(found, dict) else {}
-
-
-def _checkpointer(work, key, code, seeds, c, programs):
-  """The run's checkpoints: `checkpoints/<key>-<tag>`, the tag naming the host code and seeds
-  and its RUN_FILE the `programs` fingerprint, so a checkpoint of code that may give other
-  numbers or of other seeds is never resumed (it is deleted instead)."""
-  name = _checkpoint_name(key, code, seeds)
-  parent = os.path.dirname(work.checkpoint_dir(name))
-  if os.path.isdir(parent) and results.is_writer():
-    for other in os.listdir(parent):
-      if other.startswith(key + '-') and (
-          other != name or _run_file(os.path.join(parent, other)).get('programs') != programs):
-        print(f'discarding checkpoints/{other}: another code version or seed set of this run')
-        shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
-  checkpointer = checkpoint.Checkpointer(work.checkpoint_dir(name), keep=c.checkpoint_keep,
-                                         every_steps=c.checkpoint_every_steps,
-                                         min_seconds=c.checkpoint_min_seconds)
-  results.atomic_write(os.path.join(checkpointer.directory, RUN_FILE), json.dumps(
-      {'seeds': list(seeds), 'programs': programs}))
-  return checkpointer
