@@ -181,7 +181,7 @@ def validate(config, num_devices=1, num_train=None):
   except ValueError as e:
     raise settings.ConfigError(str(e)) from None
   if num_train:  # the schedule's own checks (decay epochs, warm-up within the budget)
-    steps = -(-num_train // c.batch_size) if num_devices == 1 else num_train // c.batch_size
+    steps = schedule.Schedule(num_train, c.batch_size, num_devices=num_devices).steps_per_epoch
     try:
       settings.make_optimizer(c, steps, c.max_steps or c.epochs * steps)
     except ValueError as e:
