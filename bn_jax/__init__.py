@@ -1,26 +1,41 @@
 """bn_jax: Batch Normalization and batch-size effects, studied in JAX/Flax.
 
 Modules, in the order data flows through them:
-  settings    defaults, run identity, config -> model, optimizer and fit arguments
-  checks      every check on the settings, one message each
-  data        data specs -> uint8 pixels, validation split, float inputs (lookup table)
-  sources     data files (IDX, CIFAR-10) and TFDS -> numpy arrays
-  augment     data augmentation on the device (crop + flip), inside the train step
-  models      MLP, CNN and their normalization layers
-  train       TrainState, the pure train / eval steps, chunked and seed-stacked programs
-  parallel    the same programs data-parallel over devices and hosts
-  schedule    epochs -> dispatched chunks and eval points
-  loop        the fit loop: programs compiled ahead, divergence, validation, checkpoints
-  checkpoint  Orbax checkpoints
-  sweep       the resumable sweep every experiment runs through
-  results     records, run keys, the workdir, atomic files
+  settings      defaults, run identity, config -> model, optimizer and fit arguments
+  checks        every check on the settings, one message each
+  errors        the user errors (settings, data, workdir): one line, exit status 2
+  cli           the command line of the experiment scripts
+  data          data specs -> uint8 pixels, validation split, float inputs (lookup table)
+  sources       data files (IDX, CIFAR-10) and TFDS -> numpy arrays
+  augment       data augmentation on the device (crop + flip), inside the train step
+  norms         the norms, each declared once (REGISTRY), and their constructors
+  norm_modules  the Flax modules Flax lacks: ghost BN, Batch Renorm, noise, GroupNorm
+  models        MLP, CNN, a model by name
+  resnet        the CIFAR ResNet of He et al. 2016
+  optim         Optax optimizers, weight-decay masks, rate schedules
+  train         TrainState, the pure train / eval steps, chunked and seed-stacked programs
+  parallel      the same programs data-parallel over devices and hosts
+  schedule      epochs -> dispatched chunks and eval points
+  programs      a configuration's programs lowered and compiled ahead, their fingerprint
+  loop          fit: a chunk at a time, divergence, validation, checkpoints, progress
+  precise_bn    PreciseBN statistics and bias-corrected running averages
+  checkpoint    Orbax checkpoints with checksums
+  interrupt     SIGTERM / SIGINT: stop at a chunk boundary, checkpoint, resume
   code_version  which code made a run, and whether other code gives the same numbers
-  report      tables and plots
-  claims      effects, verdicts and BN measurements of the claims study
-  timing      the step timer
-  cli         the command line of the experiment scripts
-  threefry    JAX's random hash unrolled on CPU (same bits, less compiling); `install()`,
-              which the scripts' `cli.run` calls
+  results       records, run keys, the workdir, atomic files
+  reuse         what a sweep keeps of its workdir: finished runs, checkpoints, states
+  shards        a sweep split over processes sharing a workdir
+  sweep         the resumable sweep every experiment runs through
+  summaries     TensorBoard event files
+  health        the warnings records carry, the gates findings check
+  verdicts      findings, gates and the one verdict rule
+  report        tables and plots
+  claims        BN measurements of the claims study, and Study (a sweep with states)
+  papers        the reproductions' findings and reports
+  ics           internal covariate shift and loss-landscape measures
+  timing        the step timer
+  threefry      JAX's random hash unrolled on CPU (same bits, less compiling); `install()`,
+                which the scripts' `cli.run` calls
 
 Importing bn_jax changes nothing global: no plotting backend, no JAX lowering; Orbax, SciPy
 and tensorboardX load when first used.

@@ -9,6 +9,7 @@ as one line; any other exception is a bug and shows its traceback.
 calls `main(config, workdir)` with the resolved config.
 """
 
+import ast
 import difflib
 import sys
 
@@ -86,14 +87,47 @@ def resolve(config, overridden, presets):
 
 
 def _refuse_unknown_keys(config, argv):
-  """`--config.batchsize=3` -> one line naming the closest known key (not a traceback)."""
+  """`--config.batchsize=3` -> one line naming the closest known key, and `--config.seeds=two`
+  -> one line naming the type the setting takes (not absl's flag-parsing error)."""
   for arg in argv:
     if not arg.startswith('--config.'):
       continue
-    key = arg[len('--config.'):].split('=', 1)[0].split('.')[0]
+    name, _, value = arg[len('--config.'):].partition('=')
+    key = name.split('.')[0]
     if key not in config:
       close = difflib.get_close_matches(key, list(config.keys()), n=1)
       hint = f' (did you mean --config.{close[0]}?)' if close else ''
-      print(f'error: unknown setting --config.{key}{hint}; the settings are those of the '
-            "script's get_config() and bn_jax/settings.py.", file=sys.stderr)
-      sys.exit(2)
+      _fail(f'unknown setting --config.{key}{hint}; the settings are those of the '
+            "script's get_config() and bn_jax/settings.py.")
+    if '=' in arg and '.' not in name:
+      _check_type(key, value, config[key])
+
+
+_TYPES = ((bool, 'true or false'), (int, 'a whole number'), (float, 'a number'),
+          (tuple, 'a tuple, e.g. "(16,32)"'))
+
+
+def _check_type(key, value, default):
+  """Exits with one line when `value` cannot be read as the type of `default`."""
+  for kind, words in _TYPES:
+    if isinstance(default, kind):
+      break
+  else:
+    return  # strings and others: any text
+  try:
+    if kind is bool:
+      ok = value.lower() in ('true', 'false', '1', '0')
+    elif kind is tuple:
+      ok = isinstance(ast.literal_eval(value), (tuple, list, int, float, str))
+    else:
+      kind(value)
+      ok = kind is float or float(value) == int(value)
+  except (ValueError, SyntaxError):
+    ok = False
+  if not ok:
+    _fail(f'--config.{key}={value}: {key} takes {words} (default {default!r}).')
+
+
+def _fail(message):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)

@@ -32,7 +32,8 @@ def reusable(work, runs, code, on_code_change, save_states, fingerprint):
     raise settings.ConfigError(
         f'{len(stale)} finished runs in {work.results_path} were made by code that may give '
         f'other numbers (their programs or the host code that shapes a run differ from '
-        f'today\'s; commit {stale[0]["code"]["commit"]}): pass '
+        f'today\'s; made at commit {stale[0]["code"]["commit"]}'
+        f'{" with uncommitted changes" if stale[0]["code"].get("dirty") else ""}): pass '
         '--config.on_code_change=retrain to train them again with this code, '
         '--config.on_code_change=reuse to use them as they are, or use another --workdir.')
   if stale and on_code_change == 'retrain':

@@ -1,9 +1,10 @@
 """A sweep split over processes that share one workdir (`--config.shard=I/N`).
 
-Shard I of N trains the configurations (all their seeds) that a stable hash of their run key
-assigns to it, and only those: a configuration's seeds stay stacked in one program, so every
+Shard I of N trains the configurations (all their seeds) it is assigned, and only those: the
+sweep's run keys sorted, every N-th from the I-th (every shard of one command sees the same
+configurations, so they agree, and the split is even whatever the keys); a configuration's seeds stay stacked in one program, so every
 number is the one a single process gives (bit-identical on the same CPU model and library
-versions); it it holds its own lock (`.lock.shard-I-of-N`) and appends to
+versions); it holds its own lock (`.lock.shard-I-of-N`) and appends to
 its own results file (`results.shard-I-of-N.jsonl`), so N processes started by any launcher
 (a SLURM job array, a Kubernetes Indexed Job, `xargs -P`) never write the same file or train
 the same pair. Every process reads every results file: the shard that finds the whole sweep
@@ -13,7 +14,6 @@ nothing. With `shard` unset, SLURM's `SLURM_ARRAY_TASK_ID` / `SLURM_ARRAY_TASK_C
 """
 
 import glob
-import hashlib
 import os
 import re
 
@@ -43,13 +43,11 @@ def parse(spec, environ=None):
   return None if count == 1 else (index, count)
 
 
-def owns(shard, key):
-  """Whether `shard` trains the configuration with run key `key`: a hash of it, modulo N
-  (every shard assigns every configuration the same way; no shard: all of them)."""
-  if shard is None:
-    return True
-  digest = hashlib.sha256(key.encode()).hexdigest()
-  return int(digest, 16) % shard[1] == shard[0]
+def assigned(shard, keys):
+  """The run keys of `keys` (a sweep's configurations) that `shard` trains: sorted, every N-th
+  from the I-th; all of them without a shard."""
+  keys = sorted(set(keys))
+  return set(keys) if shard is None else set(keys[shard[0]::shard[1]])
 
 
 def results_name(shard):

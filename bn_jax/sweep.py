@@ -116,14 +116,15 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
                                               seeds=list(range(n))))
   finished = reuse.reusable(work, runs, code, config.on_code_change, save_states, fingerprint)
   todo = []  # (key, config, identity, seeds to train, seeds to record)
+  mine = shards.assigned(shard, runs)
   for key, (c, identity, seeds) in runs.items():
-    new = sorted(s for s in seeds if (key, s) not in finished and shards.owns(shard, key))
+    new = sorted(s for s in seeds if (key, s) not in finished and key in mine)
     if new:
       todo.append((key, c, identity, reuse.seeds_to_train(work, key, code, new), new))
   missing = sum(len(t[4]) for t in todo)
   if work and results.is_writer():
     part = f' (shard {shard[0]}/{shard[1]})' if shard else ''
-    total = sum(len(r[2]) for r in runs.values())
+    total = sum(len(runs[key][2]) for key in mine)
     print(f'{workdir}{part}: {total - missing} of {total} runs finished before; training '
           f'{missing} runs in {len(todo)} configurations.', flush=True)
   # The settings the grid varies (TensorBoard names each run by those in its identity).
@@ -213,7 +214,7 @@ class _Trainer:
       seed_results, states = loop.fit(
           settings.make_model(c, self.data_parallel), lane.data, seeds=seeds,
           programs=programs, runner=lane.runner, checkpointer=checkpointer,
-          desc=f'{c.model}/{c.norm} bs={c.batch_size}', should_stop=interrupt.requested,
+          desc=self.label(c), should_stop=interrupt.requested,
           logger=logger,
           on_save=reuse.state_saver(work, key, seeds) if self.save_states else None,
           **{k: v for k, v in settings.fit_args(c).items() if k not in loop.COMPILE_ARGS})
@@ -230,7 +231,13 @@ class _Trainer:
       if work:
         self.record(key, c, seeds, new, states, records, checkpointer)
       self.recorded.update({(key, r['seed']): r for r in records})
-      _say_warnings(c, records)
+      _say_warnings(self.label(c), records)
+
+  def label(self, c):
+    """A configuration's name on the console: model, norm, batch size and the other settings
+    the grid varies."""
+    return f'{c.model}/{c.norm} bs={c.batch_size}' + ''.join(
+        f' {k}={c[k]}' for k in sorted(self.varied) if k not in ('model', 'norm', 'batch_size'))
 
   def record(self, key, c, seeds, new, states, records, checkpointer):
     """Writes a configuration's records (its final states first, when kept), then deletes its
@@ -291,15 +298,16 @@ def _programs_of(c, device_data, runner):
       augment=c.augment, loss_scale=settings.loss_scale(c))
 
 
-def _say_warnings(c, records):
-  """The warnings of a configuration's runs, once on the console (process 0)."""
+def _say_warnings(label, records):
+  """The warnings of a configuration's runs (`label` names it), once on the console (process
+  0)."""
   said = {}
   for r in records:
     for warning in r['warnings']:
       said.setdefault(warning, []).append(r['seed'])
   for warning, seeds in said.items():
     if results.is_writer():
-      print(f'warning: {c.model}/{c.norm} bs={c.batch_size} seeds {seeds}: {warning}',
+      print(f'warning: {label} seeds {seeds}: {warning}',
             flush=True)
 
 

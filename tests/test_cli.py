@@ -9,6 +9,9 @@ import pytest
 
 from _limits import HANG_SECONDS
 
+from bn_jax import cli
+from bn_jax import settings
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = '''
 from bn_jax import checks, cli, errors, settings
@@ -54,3 +57,20 @@ def test_user_errors_are_one_line_and_bugs_show_their_traceback(tmp_path, flags,
     assert 'Traceback (most recent call last)' in out.stderr and 'in main' in out.stderr
   else:
     assert 'Traceback' not in out.stderr
+
+
+@pytest.mark.parametrize('arg, words', [
+    ('--config.seeds=two', 'seeds takes a whole number (default 3)'),
+    ('--config.epochs=0.5', 'epochs takes a whole number'),
+    ('--config.learning_rate=abc', 'learning_rate takes a number'),
+    ('--config.hidden=(16', 'hidden takes a tuple'),
+    ('--config.progress=maybe', 'progress takes true or false')])
+def test_a_value_of_the_wrong_type_is_one_line(arg, words, capsys):
+  with pytest.raises(SystemExit) as stop:
+    cli._refuse_unknown_keys(settings.base_config(), [arg])  # pylint: disable=protected-access
+  assert stop.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and words in err and err.startswith(f'error: {arg}:')
+  cli._refuse_unknown_keys(settings.base_config(), [  # pylint: disable=protected-access
+      '--config.seeds=4', '--config.learning_rate=1', '--config.hidden=(8,)',
+      '--config.progress=false', '--config.data=synthetic:9'])  # right types pass

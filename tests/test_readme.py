@@ -97,3 +97,10 @@ def test_readme_api_tour_runs_as_written(tmp_path, monkeypatch):
   assert scope['results'][0]['status'] == 'ok' and len(scope['results']) == 2
   assert len(scope['records']) == 4  # 2 norms x 2 seeds
   assert (tmp_path / 'runs' / 'tour' / 'results.jsonl').exists()
+
+
+def test_the_package_docstring_lists_every_module():
+  import bn_jax  # pylint: disable=g-import-not-at-top
+  modules = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'bn_jax', '*.py'))
+             if not p.endswith('__init__.py')]
+  assert [m for m in modules if f'\n  {m} ' not in bn_jax.__doc__] == []
