@@ -176,7 +176,8 @@ def test_script_on_simulated_devices_with_pmap_and_ghost_bn(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   (record,) = [json.loads(line) for line in open(tmp_path / 'results.jsonl')]
   assert record['devices'] == {'platform': 'cpu', 'count': 4, 'processes': 1,
-                               'concurrent_runs': 1}  # one program uses every device
+                               'concurrent_runs': 1, 'placement': 'data_parallel'}  # one program
+  # uses every device
   assert record['config']['bn_stats'] == 'ghost' and record['config']['parallel'] == 'pmap'
   assert record['steps'] == 540 // 32  # several devices: whole batches only
 
