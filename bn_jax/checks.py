@@ -108,6 +108,18 @@ def validate(config, num_devices=1, num_train=None):
     kind, spec = data.parse_spec(c.data)
   except ValueError as e:
     raise settings.ConfigError(str(e)) from None
+  _check_choices(c)
+  _check_numbers(c)
+  _check_together(c, num_devices, num_train)
+  _check_inputs(c, spec[1] if kind == 'synthetic' else None)
+  if c.compilation_cache and c.compilation_cache_dir:
+    _check_directory(settings.compilation_cache_path(c), 'compilation_cache_dir',
+                     'pass --config.compilation_cache_dir=DIR with a directory, or '
+                     '--config.compilation_cache=false')
+
+
+def _check_choices(c):
+  """Settings that take one of a few values (and the optimizer's own numbers)."""
   _fraction(c, 'val_fraction', low_open=True)
   _choice(c, 'model', models.MODELS)
   _choice(c, 'standardize', (True, False))
@@ -132,6 +144,10 @@ def validate(config, num_devices=1, num_train=None):
   _check(0 < c.lr_decay_factor <= 1, f'lr_decay_factor must be in (0, 1], got '
          f'{c.lr_decay_factor}.')
   _choice(c, 'progress', (True, False))
+
+
+def _check_numbers(c):
+  """Each number in its range: widths, rates, counts, fractions, the grid lists."""
   if c.model == 'resnet':
     _check(isinstance(c.resnet_depth, int) and c.resnet_depth >= 8 and
            (c.resnet_depth - 2) % 6 == 0, f'resnet_depth must be 6n+2 (20, 32, 44, 56, '
@@ -160,6 +176,11 @@ def validate(config, num_devices=1, num_train=None):
   for key, check in GRID_CHECKS.items():
     if key in c:
       check(c)
+
+
+def _check_together(c, num_devices, num_train):
+  """Settings checked together: the batch against the data and devices, the norm's settings,
+  the schedule against the budget."""
   _check(c.batch_size >= 1 and (not num_train or c.batch_size <= num_train),
          f'batch_size must be in [1, {num_train or "the training set size"}], got '
          f'{c.batch_size}.')
@@ -186,11 +207,6 @@ def validate(config, num_devices=1, num_train=None):
       settings.make_optimizer(c, steps, c.max_steps or c.epochs * steps)
     except ValueError as e:
       raise settings.ConfigError(str(e)) from None
-  _check_inputs(c, spec[1] if kind == 'synthetic' else None)
-  if c.compilation_cache and c.compilation_cache_dir:
-    _check_directory(settings.compilation_cache_path(c), 'compilation_cache_dir',
-                     'pass --config.compilation_cache_dir=DIR with a directory, or '
-                     '--config.compilation_cache=false')
 
 
 def _check_inputs(c, image_shape=None):
