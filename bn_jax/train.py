@@ -298,6 +298,7 @@ class OneDevice:
   `parallel.DataParallel` runs the same programs data-parallel over many devices and hosts,
   with the same methods."""
   num_devices = 1
+  device = None  # JAX's default device
 
   def __init__(self, device=None):
     self.device = device
