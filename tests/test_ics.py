@@ -1,4 +1,4 @@
-"""Santurkar et al.'s measures against hand computations, and noisy BN."""
+"""Santurkar et al.'s measures against hand computations (noisy BN: tests/test_noisy_bn.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -52,27 +52,21 @@ def test_landscape_of_a_quadratic_has_its_curvature_as_beta():
   np.testing.assert_allclose(out['loss_range'], max(expected) - min(expected), rtol=1e-5)
 
 
-def test_noisy_bn_with_zero_noise_is_bn_and_with_noise_moves_each_channel():
-  images = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (16, 28, 28, 1)), jnp.float32)
-  bn = models.create_model('mlp', norm='batch', hidden=(6,), dropout=0.0)
-  variables = bn.init(jax.random.key(0), images[:1], train=False)
-  rng = {'dropout': jax.random.key(5)}
-  apply = lambda m: m.apply(variables, images, train=True, mutable=['batch_stats'], rngs=rng)
-  quiet = models.create_model('mlp', norm='noisy_batch', bn_noise=0.0, hidden=(6,), dropout=0.0)
-  (out_bn, stats_bn), (out_quiet, stats_quiet) = apply(bn), apply(quiet)
-  np.testing.assert_array_equal(out_bn, out_quiet)
-  jax.tree.map(np.testing.assert_array_equal, stats_bn, stats_quiet)
-  noisy = models.create_model('mlp', norm='noisy_batch', bn_noise=1.0, hidden=(6,), dropout=0.0)
-  _, intermediates = noisy.apply(variables, images, train=True, rngs=rng,
-                                 mutable=['batch_stats', 'intermediates'])
-  _, plain = bn.apply(variables, images, train=True, mutable=['batch_stats', 'intermediates'])
-  z_noisy = intermediates['intermediates']['preactivations'][0]
-  z_plain = plain['intermediates']['preactivations'][0]  # BN output: mean 0, var ~1
-  # Per channel, noisy = plain * a + b with a in [1, 2], b in [-1, 1], the same for every example.
-  a = (z_noisy[1] - z_noisy[0]) / (z_plain[1] - z_plain[0])
-  b = z_noisy[0] - a * z_plain[0]
-  np.testing.assert_allclose(z_noisy, z_plain * a + b, rtol=1e-4, atol=1e-4)
-  assert np.all((a >= 1) & (a <= 2)) and np.all(np.abs(b) <= 1) and np.any(np.abs(b) > 0)
-  # Eval mode: no noise.
-  np.testing.assert_array_equal(noisy.apply(variables, images, train=False),
-                                bn.apply(variables, images, train=False))
+def test_a_loss_taking_its_data_gives_the_closures_numbers():
+  rng = np.random.default_rng(4)
+  images = jnp.asarray(rng.uniform(0, 1, (8, 6, 6, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 8))
+  model = models.create_model('mlp', norm='batch', hidden=(5, 4), dropout=0.0)
+  variables = model.init(jax.random.key(0), images[:1], train=False)
+  closure = ics.train_loss(model, variables, images, labels)
+  loss, data = ics.batch_loss(model), ({'batch_stats': variables['batch_stats']}, images, labels)
+  assert ics.batch_loss(model) is loss  # one function (and one compiled program) per model
+  update = ics.sgd_step(0.1)
+  for (n1, l1, c1), (n2, l2, c2) in zip(
+      ics.internal_covariate_shift(closure, variables['params'], update),
+      ics.internal_covariate_shift(loss, variables['params'], update, data)):
+    assert n1 == n2
+    np.testing.assert_allclose([l1, c1], [l2, c2], rtol=1e-5, atol=1e-7)
+  a, b = (ics.landscape(closure, variables['params'], [0.1, 0.3]),
+          ics.landscape(loss, variables['params'], [0.1, 0.3], data))
+  np.testing.assert_allclose(a['losses'] + [a['beta']], b['losses'] + [b['beta']], rtol=1e-5)
