@@ -94,6 +94,8 @@ READ_ONLY_WITH = {
     'half_precision_dtype': ('half_precision', (True,)),
     'lr_decay_epochs': ('lr_schedule', ('step',)),
     'lr_decay_factor': ('lr_schedule', ('step',)),
+    'cnn_pools': ('model', ('cnn',)),
+    'cnn_dense_norm': ('model', ('cnn',)),
 }
 # A setting a script's grid sets for every run -> the list of its values, where the script has
 # one (e.g. bn_vs_no_bn.py's `norms`).
@@ -156,6 +158,9 @@ def _check_numbers(c):
   else:
     _widths(c, 'hidden' if c.model == 'mlp' else 'features',
             '(128,)' if c.model == 'mlp' else '(32,64)')
+  if c.model == 'cnn' and 'cnn_pools' in c:
+    _at_least(c, 'cnn_pools', 0)
+    _choice(c, 'cnn_dense_norm', (True, False))
   _fraction(c, 'dropout')
   _fraction(c, 'bn_momentum')
   for key in ('init_scale', 'bn_epsilon', 'learning_rate'):

@@ -107,7 +107,8 @@ def max_pool_2x2(x):
 
 class CNN(nn.Module):
   """Conv(3x3) -> norm -> activation per entry of `features`, the first `pools` blocks ending in
-  a 2x2 max-pool; then Dense -> activation -> Dropout -> Dense. The default is two blocks."""
+  a 2x2 max-pool; then Dense -> activation -> Dropout -> Dense (with `dense_norm`, Dense -> norm
+  -> activation: the hidden Dense layer normalized too). The default is two blocks."""
   features: Sequence[int] = (32, 64)
   pools: int = 2
   dense: int = 128
@@ -119,6 +120,7 @@ class CNN(nn.Module):
   init_std: float = 0.0  # > 0: every conv and Dense kernel N(0, init_std^2) instead
   conv: str = 'auto'  # 'patches' (patch_conv) | 'xla' | 'auto': patches on CPU, else xla
   dtype: Any = jnp.float32  # compute dtype of convs and Dense layers (params stay float32)
+  dense_norm: bool = False  # also normalize the hidden Dense layer (its bias then dropped)
 
   @nn.compact
   def __call__(self, x, *, train, mask=None):
@@ -137,7 +139,11 @@ class CNN(nn.Module):
       if i < self.pools:
         x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
-    x = act(nn.Dense(self.dense, kernel_init=init, dtype=self.dtype)(x))
+    normed = self.dense_norm and norms.resolve(self.norm) is not None
+    x = nn.Dense(self.dense, use_bias=not normed, kernel_init=init, dtype=self.dtype)(x)
+    if normed:
+      x = norms.normalize(self.norm, x, train, mask)
+    x = act(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=out_init,
                     dtype=self.dtype)(x).astype(jnp.float32)

@@ -68,6 +68,8 @@ def base_config():
   c.bn_group_size = 0
   c.hidden = (128,)  # MLP hidden widths
   c.features = (32, 64)  # CNN: channels of each 3x3 conv block (the first two max-pool)
+  c.cnn_pools = 2  # CNN: how many of the first conv blocks end in a 2x2 max-pool
+  c.cnn_dense_norm = False  # CNN: normalize the hidden Dense layer too, as the conv blocks
   c.init_scale = 1.0  # hidden (and conv) weights at init: this times LeCun-normal
   c.init_std = 0.0  # > 0: every kernel of the MLP / CNN N(0, init_std^2) instead
   c.dropout = 0.2
@@ -231,7 +233,12 @@ def _layers(c):
     common['init_std'] = c.init_std
   if c.model == 'mlp':
     return {'hidden': tuple(c.hidden), **common}
-  return {'features': tuple(c.features), **common}
+  cnn = {'features': tuple(c.features), **common}
+  if c.get('cnn_pools', 2) != 2:  # non-default values only: existing run keys stay as they were
+    cnn['pools'] = c.cnn_pools
+  if c.get('cnn_dense_norm', False):
+    cnn['dense_norm'] = True
+  return cnn
 
 
 def make_optimizer(config, steps_per_epoch, total_steps):
