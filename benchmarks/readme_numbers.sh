@@ -85,10 +85,9 @@ for step in $steps; do
     papers) for paper in ioffe2015 hoffer2017 wu_he2018 wu_johnson2021 santurkar2018; do
         bash "$0" $paper; done ;;
     ioffe2015|hoffer2017|wu_he2018|wu_johnson2021|santurkar2018) rm -rf "$OUT/papers/$step"
-      extra=(); [ $step = wu_he2018 ] && extra=(--config.train_examples=27000)  # as in README
       run $step python experiments/papers/$step.py --workdir="$OUT/papers/$step" \
         --config.data=$DATA --config.compilation_cache_dir="$CACHE/$step" \
-        --config.progress=false "${extra[@]}" ;;
+        --config.progress=false ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
