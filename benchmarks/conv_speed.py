@@ -4,7 +4,7 @@ r"""Where the ResNet-20 CPU step's time goes: one 3x3 stride-1 convolution of ea
 
 For ResNet-20's three stage shapes (32x32x16, 16x16x32, 8x8x64, batch 128) prints the
 milliseconds of the forward convolution and of the forward + both gradients, for
-`bn_jax.resnet.forward_conv` (the CPU default) and XLA's own convolution, and (with torch
+`bn_jax.convs.forward_conv` (the ResNet's CPU default) and XLA's own convolution, and (with torch
 installed) PyTorch's eager `Conv2d` forward and forward + backward; the forward's GFLOP/s
 (2 * B * H * W * 9 * C * C FLOPs). Each jitted call runs once untimed first.
 """
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bn_jax import resnet
+from bn_jax import convs
 from bn_jax import threefry
 
 STAGES = ((32, 16), (16, 32), (8, 64))  # (height = width, channels)
@@ -73,7 +73,7 @@ def main():
   for size, channels in STAGES:
     flops = 2 * args.batch_size * size * size * 9 * channels * channels
     row = [f'{size}x{size}x{channels}:']
-    for name, conv in (('forward_conv', resnet.forward_conv),
+    for name, conv in (('forward_conv', convs.forward_conv),
                        ('xla', lax.conv_general_dilated)):
       fwd, both = jax_ms(conv, args.batch_size, size, channels, args.reps)
       row.append(f'{name} {fwd:.1f} / {both:.1f} ({flops / fwd / 1e6:.0f})')

@@ -33,8 +33,6 @@ import jax.numpy as jnp
 from bn_jax import data as data_lib
 from bn_jax import loop
 from bn_jax import models
-from bn_jax import norms
-from bn_jax import resnet
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
@@ -120,7 +118,7 @@ def resnet_step_ms(conv, batch_size=128, steps=20, examples=600, dtype=jnp.float
   32x32x3 generated inputs (1 seed), with `conv` = forward | patches | xla, computing in
   `dtype` (bfloat16: convs and dense layers; params and norms stay float32)."""
   dataset = data_lib.load(f'synthetic:{examples}:32x32x3')
-  model = resnet.ResNet(depth=20, norm=norms.norm_layer('batch'), conv=conv, dtype=dtype)
+  model = models.create_model('resnet', norm='batch', conv=conv, depth=20, dtype=dtype)
   return step_seconds(dataset, model, batch_size, steps) * 1e3
 
 

@@ -12,6 +12,7 @@ Modules, in the order data flows through them:
   norm_modules  the Flax modules Flax lacks: ghost BN, Batch Renorm, noise, GroupNorm
   models        MLP, CNN, a model by name
   resnet        the CIFAR ResNet of He et al. 2016
+  convs         the models' conv layers: XLA's, and the CPU forms that train fast
   optim         Optax optimizers, weight-decay masks, rate schedules
   train         TrainState, the pure train / eval steps, chunked and seed-stacked programs
   parallel      the same programs data-parallel over devices and hosts
@@ -25,12 +26,13 @@ Modules, in the order data flows through them:
   results       records, run keys, the workdir, atomic files
   reuse         what a sweep keeps of its workdir: finished runs, checkpoints, states
   shards        a sweep split over processes sharing a workdir
-  sweep         the resumable sweep every experiment runs through
+  placement     where a sweep trains: one device, data-parallel, or one run per device
+  sweep         the resumable sweep every experiment runs through, and Study (with states)
   summaries     TensorBoard event files
   health        the warnings records carry, the gates findings check
   verdicts      findings, gates and the one verdict rule
   report        tables and plots
-  claims        BN measurements of the claims study, and Study (a sweep with states)
+  claims        BN measurements of the claims study
   papers        the reproductions' findings and reports
   ics           internal covariate shift and loss-landscape measures
   timing        the step timer

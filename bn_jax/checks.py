@@ -13,6 +13,7 @@ from bn_jax import models
 from bn_jax import norms
 from bn_jax import optim
 from bn_jax import parallel
+from bn_jax import resnet
 from bn_jax import schedule
 from bn_jax import settings
 from bn_jax import shards
@@ -102,14 +103,20 @@ READ_ONLY_WITH = {
 GRID_LISTS = {'norm': 'norms', 'batch_size': 'batch_sizes', 'learning_rate': 'lrs'}
 
 
+def _from_value_error(check, *args):
+  """`check(*args)`, its ValueError (a check of the module that owns the rule) raised as a
+  `settings.ConfigError` with the same message."""
+  try:
+    return check(*args)
+  except ValueError as e:
+    raise settings.ConfigError(str(e)) from None
+
+
 def validate(config, num_devices=1, num_train=None):
   """Checks every setting of a resolved config before anything trains or is written; raises a
   `settings.ConfigError` naming the setting and the fix."""
   c = config
-  try:
-    kind, spec = data.parse_spec(c.data)
-  except ValueError as e:
-    raise settings.ConfigError(str(e)) from None
+  kind, spec = _from_value_error(data.parse_spec, c.data)
   _check_choices(c)
   _check_numbers(c)
   _check_together(c, num_devices, num_train)
@@ -151,9 +158,7 @@ def _check_choices(c):
 def _check_numbers(c):
   """Each number in its range: widths, rates, counts, fractions, the grid lists."""
   if c.model == 'resnet':
-    _check(isinstance(c.resnet_depth, int) and c.resnet_depth >= 8 and
-           (c.resnet_depth - 2) % 6 == 0, f'resnet_depth must be 6n+2 (20, 32, 44, 56, '
-           f'110), got {c.resnet_depth}.')
+    _from_value_error(resnet.check_depth, c.resnet_depth)
     _at_least(c, 'resnet_width', 1)
   else:
     _widths(c, 'hidden' if c.model == 'mlp' else 'features',
@@ -186,12 +191,7 @@ def _check_numbers(c):
 def _check_together(c, num_devices, num_train):
   """Settings checked together: the batch against the data and devices, the norm's settings,
   the schedule against the budget."""
-  _check(c.batch_size >= 1 and (not num_train or c.batch_size <= num_train),
-         f'batch_size must be in [1, {num_train or "the training set size"}], got '
-         f'{c.batch_size}.')
-  _check(c.batch_size % num_devices == 0,
-         f'batch_size {c.batch_size} is not divisible by the {num_devices} devices: choose a '
-         'multiple of the device count (or --config.devices).')
+  _from_value_error(schedule.check_batch, c.batch_size, num_train or None, num_devices)
   if c.norm in settings.RUNNING_STATS:
     _check_bn_group(c, num_devices)
   if c.norm == 'group':
@@ -202,16 +202,11 @@ def _check_together(c, num_devices, num_train):
            f'use one of {modes}' + (" (bn_stats='ghost' is ghost BN, norm=batch)."
                                     if c.bn_stats == 'ghost' else '.'))
   _check(c.bn_noise >= 0, f'bn_noise must be >= 0, got {c.bn_noise}.')
-  try:  # each norm's own checks (e.g. Batch Renorm's clip schedule)
-    norms.from_settings(settings.norm_kind(c), c)
-  except ValueError as e:
-    raise settings.ConfigError(str(e)) from None
+  # each norm's own checks (e.g. Batch Renorm's clip schedule)
+  _from_value_error(norms.from_settings, settings.norm_kind(c), c)
   if num_train:  # the schedule's own checks (decay epochs, warm-up within the budget)
     steps = schedule.Schedule(num_train, c.batch_size, num_devices=num_devices).steps_per_epoch
-    try:
-      settings.make_optimizer(c, steps, c.max_steps or c.epochs * steps)
-    except ValueError as e:
-      raise settings.ConfigError(str(e)) from None
+    _from_value_error(settings.make_optimizer, c, steps, c.max_steps or c.epochs * steps)
 
 
 def _check_inputs(c, image_shape=None):

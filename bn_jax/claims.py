@@ -1,7 +1,6 @@
-"""Claims made for BN, measured (their verdicts: `bn_jax.verdicts`): the BN-specific
-measurements the claims need (gradient norms per layer, shifted inputs,
-statistics re-estimated by a full pass, accuracy with batch statistics), and `Study`, which
-runs the study's training through the resumable sweep."""
+"""Claims made for BN, measured (their verdicts: `bn_jax.verdicts`; their runs:
+`sweep.Study`): the BN-specific measurements the claims need (gradient norms per layer, shifted
+inputs, statistics re-estimated by a full pass, accuracy with batch statistics)."""
 
 import functools
 import re
@@ -11,13 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bn_jax import loop
 from bn_jax import precise_bn
-from bn_jax import programs
-from bn_jax import results
-from bn_jax import settings
-from bn_jax import sweep
-from bn_jax import train
+
 
 def layer_grad_norms(apply_fn, variables, images, labels):
   """L2 norm of the loss gradient of each Conv / Dense kernel, input layer first (BN in train
@@ -64,55 +58,3 @@ def accuracy(model, variables, images, labels, batch_statistics=0, chunk=500):
 @functools.partial(jax.jit, static_argnums=0)  # Flax modules hash by their settings
 def _predict(model, variables, images):
   return model.apply(variables, images, train=False).argmax(-1)
-
-
-class Study:
-  """A study's training runs (the claims, a paper reproduction), every one through the
-  resumable sweep: recorded in the workdir's results.jsonl with its final state, checkpointed,
-  resumed after a kill, and never trained twice (a second call of a finished study trains
-  nothing)."""
-
-  def __init__(self, config, dataset, workdir, experiment='claims'):
-    self.config, self.dataset, self.workdir = config, dataset, workdir
-    self.experiment = experiment
-
-  def runs(self, grid):
-    """Trains what is missing of `grid` (a list of overrides of the config); returns, per grid
-    entry, its records (seeds in order)."""
-    records = sweep.sweep(self.config, self.dataset, grid, experiment=self.experiment,
-                          workdir=self.workdir, save_states=True)
-    out = []
-    for overrides in grid:  # an entry may set its own `seeds`
-      n = overrides.get('seeds', self.config.seeds)
-      out.append(records[:n])
-      records = records[n:]
-    return out
-
-  def steps_per_epoch(self, **overrides):
-    """Training steps per epoch of the configuration `overrides` describe, on the devices a
-    sweep of it uses (several drop the last partial batch)."""
-    c = settings.resolve(self.config, **overrides)
-    return loop.Schedule(len(self.dataset.train_labels), c.batch_size,
-                         num_devices=sweep.make_runner(c).num_devices).steps_per_epoch
-
-  def model(self, **overrides):
-    """The model of the configuration `overrides` describe."""
-    return settings.make_model(settings.resolve(self.config, **overrides))
-
-  def initial_variables(self, record, **overrides):
-    """The variables a run started from (step 0): its seed's init under the configuration
-    `overrides` describe (the same numbers `loop.fit` starts from)."""
-    keys = programs.seed_keys([record['seed']])[:, 0]
-    model = self.model(**overrides)
-    stacked = train.init_variables(model, keys, (1,) + self.dataset.image_shape)
-    return jax.tree.map(lambda x: np.asarray(x[0]), stacked)
-
-  def variables(self, record, step=None):
-    """A run's final variables {'params', 'batch_stats'}, or those at one of its
-    `save_states_at` steps."""
-    return results.load_state(self.workdir, record, step)
-
-
-def final(records, name):
-  """Per seed: a final metric (NaN for diverged runs)."""
-  return np.array([r['final'][name] if r['status'] == 'ok' else np.nan for r in records])

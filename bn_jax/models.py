@@ -11,9 +11,9 @@ layers compute in bfloat16 while their parameters stay float32; the norms comput
 (their output is promoted to their float32 parameters' dtype, and Flax reduces batch
 statistics in float32), and the logits are float32 for the loss.
 
-The CNN's 3x3 convolutions are `nn.Conv` layers computed as patches x kernel matmuls on CPU
-(`patch_conv`): XLA's CPU convolutions are ~17x slower inside a loop body (the `lax.fori_loop` of
-`train_chunk`; jax-ml/jax#12868) because their gradients stay in non-canonical layouts there.
+The CNN and the ResNet take their convolution as a module constructor (`conv`, Flax's
+`ModuleDef` pattern); `create_model` picks it by backend (`convs.conv_layer`: on CPU, forms
+whose gradients stay fast inside the training loop).
 """
 
 from typing import Any, Callable, Optional, Sequence
@@ -21,10 +21,12 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from bn_jax import convs
 from bn_jax import norms
 from bn_jax import resnet
+
+ModuleDef = Any
 
 ACTIVATIONS = {'relu': nn.relu, 'sigmoid': nn.sigmoid, 'tanh': nn.tanh, 'gelu': nn.gelu}
 
@@ -69,33 +71,6 @@ def _inits(init_scale, init_std):
           nn.linear.default_kernel_init)
 
 
-def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-               dimension_numbers=None, feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated` for what `nn.Conv` passes (NHWC inputs, HWIO kernel), as one
-  matmul of the kernel with the stacked shifted copies of the input (im2col). Its gradients
-  are matmuls and pads, fast on CPU also inside the training loop; strided, dilated or grouped
-  convolutions fall back to `lax.conv_general_dilated`."""
-  plain = (lhs.ndim == 4 and feature_group_count == 1 and set(window_strides) == {1} and
-           all(d is None or set(d) == {1} for d in (lhs_dilation, rhs_dilation)))
-  if not plain:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision)
-  kh, kw, cin, cout = rhs.shape
-  if padding == 'SAME':
-    padding = [((k - 1) // 2, k // 2) for k in (kh, kw)]
-  elif padding == 'VALID':
-    padding = [(0, 0), (0, 0)]
-  x = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
-  height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  patches = jnp.concatenate([x[:, i:i + height, j:j + width] for i in range(kh)
-                             for j in range(kw)], axis=-1)  # (B, H, W, kh*kw*cin)
-  # A 2-D matmul: with a 4-D dot_general the CNN's in-loop step was ~50% slower on CPU.
-  out = jnp.dot(patches.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
-                precision=precision)
-  return out.reshape(patches.shape[:3] + (cout,))
-
-
 def max_pool_2x2(x):
   """2x2 max-pool, stride 2 (a reshape and a max: its gradient is cheaper on CPU than
   `nn.max_pool`'s select-and-scatter)."""
@@ -118,7 +93,7 @@ class CNN(nn.Module):
   activation: str = 'relu'
   init_scale: float = 1.0  # conv and hidden Dense weights at init: this times LeCun-normal
   init_std: float = 0.0  # > 0: every conv and Dense kernel N(0, init_std^2) instead
-  conv: str = 'auto'  # 'patches' (patch_conv) | 'xla' | 'auto': patches on CPU, else xla
+  conv: ModuleDef = nn.Conv  # the conv constructor (`create_model` picks one by backend)
   dtype: Any = jnp.float32  # compute dtype of convs and Dense layers (params stay float32)
   dense_norm: bool = False  # also normalize the hidden Dense layer (its bias then dropped)
 
@@ -126,14 +101,10 @@ class CNN(nn.Module):
   def __call__(self, x, *, train, mask=None):
     act = _activation(self.activation)
     init, out_init = _inits(self.init_scale, self.init_std)
-    if self.conv not in ('auto', 'patches', 'xla'):
-      raise ValueError(f"unknown conv {self.conv!r}: choose 'auto', 'patches' or 'xla'.")
-    patches = self.conv == 'patches' or (self.conv == 'auto' and jax.default_backend() == 'cpu')
-    conv = patch_conv if patches else None  # None: nn.Conv's own lax.conv_general_dilated
     x = x.astype(self.dtype)
     for i, width in enumerate(self.features):
-      x = nn.Conv(width, (3, 3), use_bias=norms.resolve(self.norm) is None, kernel_init=init,
-                  conv_general_dilated=conv, dtype=self.dtype)(x)
+      x = self.conv(width, (3, 3), use_bias=norms.resolve(self.norm) is None, kernel_init=init,
+                    dtype=self.dtype)(x)
       x = norms.normalize(self.norm, x, train, mask)  # BN on conv maps: statistics per channel
       x = act(x)
       if i < self.pools:
@@ -150,6 +121,7 @@ class CNN(nn.Module):
 
 
 MODELS = {'mlp': MLP, 'cnn': CNN, 'resnet': resnet.ResNet}
+CPU_CONVS = {'cnn': 'patches', 'resnet': 'forward'}  # `conv='auto'` on CPU (docs/speed.md)
 
 
 def min_image_size(model):
@@ -161,16 +133,20 @@ def min_image_size(model):
   return 1
 
 
-def create_model(name='mlp', *, norm='batch', bn_axis_name=None, **kwargs):
+def create_model(name='mlp', *, norm='batch', bn_axis_name=None, conv='auto', **kwargs):
   """Builds a model by name ('mlp', 'cnn' or 'resnet') normalized by `norm`: a constructor,
   or one of `norms.NORMS` built from the norm settings among `kwargs` (named as in
   `settings.base_config`: `bn_momentum`, `bn_epsilon`, `bn_group_size`, `norm_groups`,
   `renorm_*`, `bn_noise`; `norms.REGISTRY` says which norm reads which), its statistics synced
-  over `bn_axis_name`; the other `kwargs` override the model's fields."""
+  over `bn_axis_name`. The CNN's and ResNet's `conv`: a constructor, or a name of
+  `convs.NAMES` ('auto': `CPU_CONVS` on CPU, else XLA's). The other `kwargs` override the
+  model's fields."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}: choose one of {tuple(MODELS)}.')
   values = {k: kwargs.pop(k) for k in list(kwargs) if k in norms.SETTINGS}
   layer = (norms.from_settings(norm, values, bn_axis_name) if isinstance(norm, str) else norm)
+  if name in CPU_CONVS:
+    kwargs['conv'] = convs.conv_layer(conv, CPU_CONVS[name]) if isinstance(conv, str) else conv
   return MODELS[name](norm=layer, **kwargs)
 
 

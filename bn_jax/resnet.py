@@ -21,129 +21,27 @@ norm has no bias (`use_bias=norm is None`).
 `dtype=jnp.bfloat16` computes the convolutions and the Dense layer in bfloat16 (parameters,
 norms and logits stay float32), as `models.CNN` does.
 
-On CPU (`conv='auto'`) the convolutions are `forward_conv`s: XLA's CPU backend runs the
-convolutions of a gradient ~30x slower inside the training loop (a `lax.fori_loop`;
-jax-ml/jax#12868), as they are laid out there, but runs forward (NHWC x HWIO) convolutions
-fast, so the gradients are written as forward convolutions of transposed operands.
-ResNet-20, batch 128, 2-core CPU, in-loop train step (benchmarks/speed.py): `forward`
-1.4-1.7x faster than im2col matmuls (`patch_conv`, the CNN's way), 35-50x faster than XLA's
-own convolution gradients; stride 2 as a strided im2col rather than a stride-1 im2col then
-subsampling (4x the FLOPs): ~25% faster.
+The convolutions are `conv`, a module constructor (`nn.Conv`, or a CPU form of it from
+`bn_jax.convs`, which `models.create_model` picks by backend).
 """
 
-import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 from bn_jax import norms
 
-CONVS = ('auto', 'forward', 'patches', 'xla')
+ModuleDef = Any
 DEPTHS = (20, 32, 44, 56, 110)  # He et al.'s Table 6 (any 6n + 2, n >= 1, builds)
 # Kaiming / He normal, fan_out: variance 2 / (kh * kw * out channels).
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-_DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _plain(lhs, lhs_dilation, rhs_dilation, feature_group_count):
-  """Whether a convolution is a plain 2-D NHWC one: undilated, ungrouped."""
-  return (lhs.ndim == 4 and feature_group_count == 1 and
-          all(d is None or set(d) == {1} for d in (lhs_dilation, rhs_dilation)))
-
-
-def _explicit(padding, lhs, rhs, window_strides):
-  """`padding` ('SAME', 'VALID' or pairs) as ((lo, hi), (lo, hi)) for the spatial axes."""
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  return tuple((int(lo), int(hi)) for lo, hi in padding)
-
-
-def _im2col(x, kh, kw, padding, strides=(1, 1)):
-  """(B, H', W', kh*kw*C): the input under each of the kh x kw kernel taps, tap-major as a
-  (kh, kw, C, O) kernel flattens, for the conv with these explicit paddings and strides."""
-  x = jnp.pad(x, [(0, 0), *padding, (0, 0)])
-  sh, sw = strides
-  height, width = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  return jnp.concatenate(
-      [x[:, i:i + (height - 1) * sh + 1:sh, j:j + (width - 1) * sw + 1:sw]
-       for i in range(kh) for j in range(kw)], axis=-1)
-
-
-def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-               dimension_numbers=None, feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated` for what `nn.Conv` passes (NHWC inputs, HWIO kernel) as one
-  matmul of the kernel with the input's patches (im2col), as `models.patch_conv`, strided
-  convolutions included: the patches are strided slices, so a stride-2 conv costs a quarter of
-  its stride-1 version. Dilated and grouped convolutions fall back to
-  `lax.conv_general_dilated`."""
-  if not _plain(lhs, lhs_dilation, rhs_dilation, feature_group_count):
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision)
-  kh, kw, cin, cout = rhs.shape
-  patches = _im2col(lhs, kh, kw, _explicit(padding, lhs, rhs, window_strides),
-                    tuple(window_strides))
-  # A 2-D matmul: with a 4-D dot_general the CNN's in-loop step was ~50% slower on CPU.
-  out = jnp.dot(patches.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
-                precision=precision)
-  return out.reshape(patches.shape[:3] + (cout,))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_with_forward_grads(x, w, padding, precision):
-  """A stride-1 NHWC x HWIO convolution whose gradients are forward convolutions too."""
-  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DIMS,
-                                  precision=precision)
-
-
-def _conv_with_forward_grads_fwd(x, w, padding, precision):
-  return _conv_with_forward_grads(x, w, padding, precision), (x, w)
-
-
-def _conv_with_forward_grads_bwd(padding, precision, residuals, dy):
-  x, w = residuals
-  kh, kw = w.shape[:2]
-  # dx: dy convolved with the kernel flipped in space, its in and out channels swapped.
-  back = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding))
-  dx = lax.conv_general_dilated(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), (1, 1), back,
-                                dimension_numbers=_DIMS, precision=precision)
-  # dw: the sum over examples b of x[b] correlated with dy[b], i.e. x as (C_in, H, W, B)
-  # images convolved with dy as an (H', W', B, C_out) kernel: a (C_in, kh, kw, C_out) output.
-  dw = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
-                                padding, dimension_numbers=_DIMS, precision=precision)
-  return dx, dw.transpose(1, 2, 0, 3).astype(w.dtype)
-
-
-_conv_with_forward_grads.defvjp(_conv_with_forward_grads_fwd, _conv_with_forward_grads_bwd)
-
-
-def forward_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated` for what `nn.Conv` passes (NHWC inputs, HWIO kernel) whose
-  gradients are forward convolutions as well: the input gradient convolves the output
-  gradient with the flipped kernel, the kernel gradient convolves the transposed input with
-  the transposed output gradient. XLA's CPU backend keeps these in fast layouts also inside the
-  training loop, where the convolutions of its own gradient are ~30x slower (jax-ml/jax#12868).
-  Strided convolutions are `patch_conv`s (the ResNet's 2 stride-2 convs), as are paddings
-  wider than the kernel; dilated and grouped ones are `lax.conv_general_dilated`'s.
-
-  A `jax.custom_vjp`: reverse-mode derivatives only (no `jax.jvp` / `jax.jacfwd`; use
-  `patch_conv` or XLA's convolutions for forward mode).
-  """
-  if (not _plain(lhs, lhs_dilation, rhs_dilation, feature_group_count) or
-      set(window_strides) != {1}):
-    return patch_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                      dimension_numbers, feature_group_count, precision)
-  padding = _explicit(padding, lhs, rhs, window_strides)
-  if not all(0 <= p < k for k, pair in zip(rhs.shape[:2], padding) for p in pair):
-    return patch_conv(lhs, rhs, window_strides, padding, precision=precision)
-  return _conv_with_forward_grads(lhs, rhs, padding, precision)
-
-
-CONV_FNS = {'forward': forward_conv, 'patches': patch_conv, 'xla': None}  # None: nn.Conv's
+def check_depth(depth):
+  """Raises ValueError unless `depth` is 6n + 2 with n >= 1."""
+  if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    raise ValueError(f'resnet_depth must be 6n+2 ({", ".join(map(str, DEPTHS))}), got {depth}.')
 
 
 def shortcut_a(x, features, stride):
@@ -163,9 +61,8 @@ def shortcut_a(x, features, stride):
 
 
 def _conv3x3(features, stride, norm, conv, dtype=jnp.float32):
-  return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                 use_bias=norms.resolve(norm) is None, kernel_init=KAIMING_FAN_OUT,
-                 conv_general_dilated=CONV_FNS[conv], dtype=dtype)
+  return conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+              use_bias=norms.resolve(norm) is None, kernel_init=KAIMING_FAN_OUT, dtype=dtype)
 
 
 class BasicBlock(nn.Module):
@@ -175,14 +72,13 @@ class BasicBlock(nn.Module):
     features: output channels (>= the input's).
     stride: of the first conv and of the shortcut's subsampling.
     norm: a norm constructor (see `norms.norm_layer`); None: no norm, the convs have biases.
-    conv: how the convs are computed: 'forward' (`forward_conv`), 'patches' (`patch_conv`) or
-      'xla' (`lax.conv_general_dilated` and its own gradients).
+    conv: the conv constructor, e.g. `nn.Conv` (see `bn_jax.convs`).
     dtype: compute dtype of the convs (their parameters stay float32).
   """
   features: int
   stride: int = 1
   norm: Optional[Callable] = None
-  conv: str = 'xla'
+  conv: ModuleDef = nn.Conv
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -207,10 +103,8 @@ class ResNet(nn.Module):
     width: channels of the first conv and stage 1; stages 2 and 3 have 2x and 4x.
     num_classes: outputs of the final Dense layer (logits).
     norm: a norm constructor (see `norms.norm_layer`); None: no norm, the convs have biases.
-    conv: 'auto' ('forward' on CPU, else 'xla') | 'forward' (XLA convolutions whose gradients
-      are forward convolutions too, `forward_conv`; stride 2 as `patch_conv`) | 'patches'
-      (im2col matmuls, `patch_conv`, as `models.CNN` on CPU) | 'xla' (`lax.conv_general_dilated`
-      and its own gradients: on CPU ~30x slower in the training loop).
+    conv: the conv constructor, e.g. `nn.Conv` (`models.create_model` picks a CPU form from
+      `bn_jax.convs` on CPU).
     dtype: compute dtype of the convs and the Dense layer, e.g. jnp.bfloat16 (parameters,
       norms and logits stay float32).
   """
@@ -218,15 +112,11 @@ class ResNet(nn.Module):
   width: int = 16
   num_classes: int = 10
   norm: Optional[Callable] = None
-  conv: str = 'auto'
+  conv: ModuleDef = nn.Conv
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.depth < 8 or (self.depth - 2) % 6:
-      raise ValueError(f'resnet_depth must be 6n+2 ({", ".join(map(str, DEPTHS))}), got '
-                       f'{self.depth}.')
-    if self.conv not in CONVS:
-      raise ValueError(f'unknown conv {self.conv!r}: choose one of {CONVS}.')
+    check_depth(self.depth)
     super().__post_init__()
 
   @property
@@ -236,8 +126,6 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train, mask=None):
     conv = self.conv
-    if conv == 'auto':
-      conv = 'forward' if jax.default_backend() == 'cpu' else 'xla'
     x = _conv3x3(self.width, 1, self.norm, conv, self.dtype)(x.astype(self.dtype))
     x = nn.relu(norms.normalize(self.norm, x, train, mask))
     for stage in range(3):

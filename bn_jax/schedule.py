@@ -8,6 +8,17 @@ import dataclasses
 import math
 
 
+def check_batch(batch_size, num_examples=None, num_devices=1):
+  """Raises ValueError unless the batch fits the training set (when its size `num_examples` is
+  known) and splits evenly over the devices."""
+  if batch_size < 1 or (num_examples is not None and batch_size > num_examples):
+    size = 'the training set size' if num_examples is None else num_examples
+    raise ValueError(f'batch_size must be in [1, {size}], got {batch_size}.')
+  if batch_size % num_devices:
+    raise ValueError(f'batch_size {batch_size} is not divisible by the {num_devices} devices: '
+                     'choose a multiple of the device count (or --config.devices).')
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """How an epoch is cut into dispatched chunks, and where validation happens.
@@ -32,12 +43,7 @@ class Schedule:
   stops: tuple = ()
 
   def __post_init__(self):
-    if not 0 < self.batch_size <= self.num_examples:
-      raise ValueError(f'batch_size must be in [1, {self.num_examples}] (the training set '
-                       f'size), got {self.batch_size}.')
-    if self.batch_size % self.num_devices:
-      raise ValueError(f'batch_size {self.batch_size} is not divisible by the {self.num_devices} '
-                       'devices: choose a multiple of the device count (or --config.devices).')
+    check_batch(self.batch_size, self.num_examples, self.num_devices)
     if self.epochs < 0 or self.max_steps < 0 or self.chunk_steps < 0:
       raise ValueError('epochs, max_steps and chunk_steps must be >= 0, got '
                        f'{self.epochs}, {self.max_steps}, {self.chunk_steps}.')

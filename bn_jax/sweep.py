@@ -13,13 +13,13 @@ numbers depend on training together) and records the missing ones.
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import os
 import threading
 import time
 
 import jax
+import numpy as np
 
 from bn_jax import checks
 from bn_jax import code_version
@@ -27,6 +27,8 @@ from bn_jax import data
 from bn_jax import interrupt
 from bn_jax import loop
 from bn_jax import parallel
+from bn_jax import placement
+from bn_jax import programs
 from bn_jax import results
 from bn_jax import reuse
 from bn_jax import settings
@@ -62,22 +64,6 @@ def load_data(config):
   return dataset
 
 
-def make_runner(config):
-  """One device, or data-parallel over `config.devices` (joining other hosts if configured and
-  `load_data` has not)."""
-  parallel.initialize_distributed(config.coordinator_address, config.num_processes,
-                                  config.process_id)
-  if config.placement == 'per_device':  # each configuration on one device (`_lanes`)
-    if jax.process_count() > 1:
-      raise settings.ConfigError('placement=per_device runs in one process: drop it for '
-                                 'multi-host data parallelism, or split a sweep over hosts '
-                                 'with --config.shard=I/N (docs/scaling.md).')
-    return train.ONE_DEVICE
-  if (config.devices or jax.device_count()) == 1 and jax.process_count() == 1:
-    return train.ONE_DEVICE
-  return parallel.DataParallel(config.devices, config.parallel)
-
-
 def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_states=False,
           compile_threads=0, script=None):
   """Runs every configuration of `grid` (a list of overrides of `config`) for its seeds
@@ -97,7 +83,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   Returns:
     A list of records, the seeds of each grid entry in order.
   """
-  runner = runner or make_runner(config)
+  runner = runner or placement.make_runner(config)
   configs = _validated(config, dataset, grid, runner, workdir)
   code = code_version.version(script)
   shard = shards.parse(config.shard)
@@ -131,7 +117,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   varied = {k for overrides in grid for k in overrides if len({repr(c[k]) for c in configs}) > 1}
   trainer = _Trainer(experiment, work, code, save_states, varied,
                      isinstance(runner, parallel.DataParallel))
-  trainer.train_all(todo, _lanes(config, runner, dataset, device_data, len(todo)),
+  trainer.train_all(todo, placement.lanes(config, runner, dataset, device_data, len(todo)),
                     compile_threads)
   every = {**finished, **trainer.recorded}
   if shard:
@@ -256,36 +242,6 @@ class _Trainer:
         os.rmdir(os.path.dirname(checkpointer.directory))
 
 
-@dataclasses.dataclass
-class _Lane:
-  """Where configurations train: a runner, the data on its devices, how many at once, and the
-  `devices` field of their records."""
-  runner: object
-  data: object
-  threads: int
-  devices: dict
-
-
-def _lanes(config, runner, dataset, device_data, num_configs):
-  """`placement=data_parallel`: one lane on every device (`runner`), `concurrent_runs`
-  configurations at once. `placement=per_device` (one process, several local devices): a lane
-  per device, one configuration at a time on each, so each run gets the numbers it gets alone
-  on one device."""
-  common = {'platform': jax.default_backend(), 'processes': jax.process_count(),
-            'placement': config.placement}
-  if config.placement != 'per_device' or len(jax.local_devices()) == 1:
-    threads = concurrent_runs(config, runner, num_configs)
-    return [_Lane(runner, device_data, threads, {**common, 'count': runner.num_devices,
-                                                  'concurrent_runs': threads})]
-  lanes = []
-  for device in jax.local_devices()[:max(1, num_configs)]:
-    one = train.OneDevice(device)
-    lanes.append(_Lane(one, train.DeviceData.put(dataset, one), 1, {
-        **common, 'count': 1, 'concurrent_runs': min(num_configs, len(jax.local_devices())),
-        'device': device.id}))
-  return lanes
-
-
 def _programs_of(c, device_data, runner):
   """`loop.compile_programs`' arguments but the seeds for configuration `c`."""
   schedule = loop.Schedule(device_data.size('train'), c.batch_size, c.epochs, c.max_steps,
@@ -311,19 +267,58 @@ def _say_warnings(label, records):
             flush=True)
 
 
-def concurrent_runs(config, runner, num_configs):
-  """How many configurations train at once: 1 with several devices or hosts (one program uses
-  them all, and hosts must run the same programs in the same order); on one device
-  `config.concurrent_runs`, or with 0 (auto) one per CPU core (at most 8) on a CPU, 1 on an
-  accelerator. Measured on a 2-core CPU: two threads train two configurations 1.7x as fast as
-  one after the other (a small model's step is bound to one core)."""
-  if runner.num_devices > 1 or jax.process_count() > 1:
-    return 1
-  n = config.concurrent_runs or (
-      min(os.cpu_count() or 1, 8) if jax.default_backend() == 'cpu' else 1)
-  return max(1, min(n, num_configs))
-
-
 def run(config, dataset, *, experiment, runner=None, **overrides):
   """Trains every seed of one configuration (no workdir); returns one record per seed."""
   return sweep(config, dataset, [overrides], experiment=experiment, runner=runner)
+
+
+class Study:
+  """A study's training runs (the claims, a paper reproduction), every one through the
+  resumable sweep: recorded in the workdir's results.jsonl with its final state, checkpointed,
+  resumed after a kill, and never trained twice (a second call of a finished study trains
+  nothing)."""
+
+  def __init__(self, config, dataset, workdir, experiment='claims'):
+    self.config, self.dataset, self.workdir = config, dataset, workdir
+    self.experiment = experiment
+
+  def runs(self, grid):
+    """Trains what is missing of `grid` (a list of overrides of the config); returns, per grid
+    entry, its records (seeds in order)."""
+    records = sweep(self.config, self.dataset, grid, experiment=self.experiment,
+                          workdir=self.workdir, save_states=True)
+    out = []
+    for overrides in grid:  # an entry may set its own `seeds`
+      n = overrides.get('seeds', self.config.seeds)
+      out.append(records[:n])
+      records = records[n:]
+    return out
+
+  def steps_per_epoch(self, **overrides):
+    """Training steps per epoch of the configuration `overrides` describe, on the devices a
+    sweep of it uses (several drop the last partial batch)."""
+    c = settings.resolve(self.config, **overrides)
+    return loop.Schedule(len(self.dataset.train_labels), c.batch_size,
+                         num_devices=placement.make_runner(c).num_devices).steps_per_epoch
+
+  def model(self, **overrides):
+    """The model of the configuration `overrides` describe."""
+    return settings.make_model(settings.resolve(self.config, **overrides))
+
+  def initial_variables(self, record, **overrides):
+    """The variables a run started from (step 0): its seed's init under the configuration
+    `overrides` describe (the same numbers `loop.fit` starts from)."""
+    keys = programs.seed_keys([record['seed']])[:, 0]
+    model = self.model(**overrides)
+    stacked = train.init_variables(model, keys, (1,) + self.dataset.image_shape)
+    return jax.tree.map(lambda x: np.asarray(x[0]), stacked)
+
+  def variables(self, record, step=None):
+    """A run's final variables {'params', 'batch_stats'}, or those at one of its
+    `save_states_at` steps."""
+    return results.load_state(self.workdir, record, step)
+
+
+def final(records, name):
+  """Per seed: a final metric (NaN for diverged runs)."""
+  return np.array([r['final'][name] if r['status'] == 'ok' else np.nan for r in records])

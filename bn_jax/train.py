@@ -59,12 +59,24 @@ def create_train_state(model, rng, learning_rate=None, input_shape=(1, 28, 28, 1
     A `TrainState`.
   """
   augmentations.check(augment)
+  tx = _default_tx(tx, learning_rate)
   variables = model.init({'params': rng}, jnp.zeros(input_shape, jnp.float32), train=False)
-  if tx is None:  # the same Adam the sweep builds from a config
-    if learning_rate is None:
-      raise ValueError('create_train_state needs learning_rate (for its default Adam) or tx (an '
-                       'optimizer, e.g. from optim.make_optimizer).')
-    tx = optim.make_optimizer('adam', learning_rate=learning_rate)
+  return state_of(model, variables, tx, augment, loss_scale)
+
+
+def _default_tx(tx, learning_rate):
+  """`tx`, or the Adam at `learning_rate` the sweep builds from a default config."""
+  if tx is not None:
+    return tx
+  if learning_rate is None:
+    raise ValueError('create_train_state needs learning_rate (for its default Adam) or tx (an '
+                     'optimizer, e.g. from optim.make_optimizer).')
+  return optim.make_optimizer('adam', learning_rate=float(learning_rate))
+
+
+def state_of(model, variables, tx, augment='none', loss_scale=False):
+  """The `TrainState` of `model`'s `variables` at the start of training: the one place a
+  state is built (`create_train_state` for one seed, `states_of` for stacked seeds)."""
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                            batch_stats=variables.get('batch_stats', {}), augment=augment,
                            dynamic_scale=dynamic_scale_lib.DynamicScale() if loss_scale else None)
@@ -211,12 +223,8 @@ def init_variables(model, rngs, input_shape=(1, 28, 28, 1)):
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
 def states_of(model, variables, tx, augment, loss_scale):
-  """The seeds' `TrainState`s from their stacked `variables` (the optimizer state at its
-  start)."""
-  return jax.vmap(lambda v: TrainState.create(
-      apply_fn=model.apply, params=v['params'], tx=tx, batch_stats=v.get('batch_stats', {}),
-      augment=augment,
-      dynamic_scale=dynamic_scale_lib.DynamicScale() if loss_scale else None))(variables)
+  """The seeds' `TrainState`s from their stacked `variables` (`state_of` per seed)."""
+  return jax.vmap(lambda v: state_of(model, v, tx, augment, loss_scale))(variables)
 
 
 def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
@@ -225,8 +233,7 @@ def init_states(model, rngs, learning_rate, input_shape=(1, 28, 28, 1), tx=None,
   `loss_scale` as there; the same numbers, from two programs (`init_variables`, then the
   optimizer state)."""
   augmentations.check(augment)
-  if tx is None:
-    tx = optim.make_optimizer('adam', learning_rate=float(learning_rate))
+  tx = _default_tx(tx, learning_rate)
   return states_of(model, init_variables(model, rngs, input_shape), tx, augment,
                     bool(loss_scale))
 

@@ -85,7 +85,7 @@ def claim_lr(study, c, out):
   grid = [{'norm': n, 'learning_rate': lr} for n in NORMS for lr in c.lrs]
   runs = dict(zip([(g['norm'], g['learning_rate']) for g in grid], study.runs(grid)))
 
-  acc = {k: np.nan_to_num(claims.final(rs, 'val_accuracy'), nan=0.0) for k, rs in runs.items()}
+  acc = {k: np.nan_to_num(sweep.final(rs, 'val_accuracy'), nan=0.0) for k, rs in runs.items()}
   steps = {}  # not reached: counted as one step past the budget
   for k, rs in runs.items():
     reached = [report.to_target(r['curve'], c.target_val_accuracy) for r in rs]
@@ -128,7 +128,7 @@ def claim_init(study, c, out):
   grid = [{'norm': n, 'init_scale': s} for n in NORMS for s in c.init_scales]
   runs = dict(zip([(g['norm'], g['init_scale']) for g in grid], study.runs(grid)))
 
-  acc = {k: claims.final(rs, 'val_accuracy') for k, rs in runs.items()}
+  acc = {k: sweep.final(rs, 'val_accuracy') for k, rs in runs.items()}
   spread = {n: np.nanmax([acc[n, s] for s in c.init_scales], 0) -
             np.nanmin([acc[n, s] for s in c.init_scales], 0) for n in NORMS}
 
@@ -157,7 +157,7 @@ def claim_depth(study, c, out):
     panels[f'{a}, depth {deepest}: gradient norm per layer'] = lines = {}
     for n in NORMS:
       for d in c.depths:
-        acc[a, n, d] = claims.final(runs[a, n, d], 'val_accuracy')
+        acc[a, n, d] = sweep.final(runs[a, n, d], 'val_accuracy')
       model = study.model(norm=n, activation=a, dropout=0.0, **{layers: (c.depth_width,) *
                                                                 deepest})
       inits = [claims.layer_grad_norms(model.apply, model.init(jax.random.key(s), x[:1],
@@ -192,9 +192,9 @@ def claim_regularization(study, c, out):
   keys = [(n, d) for n in NORMS for d in (0.0, 0.2)]
   runs = dict(zip(keys, study.runs([{'norm': n, 'dropout': d} for n, d in keys])))
 
-  gap = {k: claims.final(rs, 'train_eval_accuracy') - claims.final(rs, 'val_accuracy')
+  gap = {k: sweep.final(rs, 'train_eval_accuracy') - sweep.final(rs, 'val_accuracy')
          for k, rs in runs.items()}
-  test = {k: claims.final(rs, 'test_accuracy') for k, rs in runs.items()}
+  test = {k: sweep.final(rs, 'test_accuracy') for k, rs in runs.items()}
 
   report.plot_bars(os.path.join(out, 'regularization.png'),
                    [f'{n}, dropout {d}' for n, d in keys], [np.nanmean(gap[k]) for k in keys],
@@ -406,7 +406,7 @@ def main(config, workdir):
         f'unknown claims {sorted(unknown)}: choose from {CLAIMS}.' if unknown else
         f'no claims selected: --config.claims=NAME,... from {CLAIMS}.')
   t0 = time.perf_counter()
-  study = claims.Study(config, sweep.load_data(config), workdir)
+  study = sweep.Study(config, sweep.load_data(config), workdir)
   out = os.path.join(workdir, 'claims')
   rows = []
   for name in dict.fromkeys('lr' if n == 'convergence' else n for n in selected):

@@ -90,10 +90,10 @@ def test_study_trains_through_the_sweep_once_and_keeps_final_states(tmp_path, mo
   trained = []
   fit = loop.fit
   monkeypatch.setattr(loop, 'fit', lambda *a, **k: trained.append(k['seeds']) or fit(*a, **k))
-  study = claims.Study(config, sweep.load_data(config), str(tmp_path))
+  study = sweep.Study(config, sweep.load_data(config), str(tmp_path))
   first = study.runs([{'norm': 'none', 'learning_rate': 1e-3}, {'norm': 'batch'}])
   assert [[r['seed'] for r in rs] for rs in first] == [[0, 1], [0, 1]]
-  again = claims.Study(config, sweep.load_data(config), str(tmp_path)).runs([{'norm': 'none'}])
+  again = sweep.Study(config, sweep.load_data(config), str(tmp_path)).runs([{'norm': 'none'}])
   assert again[0] == first[0] and trained == [[0, 1], [0, 1]]  # the default rate: same run
   variables = study.variables(first[1][1])
   model = study.model(norm='batch')

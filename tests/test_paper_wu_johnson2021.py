@@ -12,7 +12,6 @@ import pytest
 from _paper_run import ROOT
 from _paper_run import run_quick
 
-from bn_jax import claims
 from bn_jax import cli
 from bn_jax import schedule
 from bn_jax import settings
@@ -101,7 +100,7 @@ def test_quick_mode_end_to_end_and_the_last_epoch_matches_the_runs_finals(tmp_pa
   config = cli.resolve(wj.get_config(), {'quick': True, 'compilation_cache': False,
                                          'devices': 1}, _presets(wj))
   dataset = sweep.load_data(config)
-  study = claims.Study(config, dataset, str(tmp_path / 'run'), experiment='wu_johnson2021')
+  study = sweep.Study(config, dataset, str(tmp_path / 'run'), experiment='wu_johnson2021')
   sched = schedule.Schedule(len(dataset.train_labels), config.batch_size, config.epochs)
   steps = wj.save_points(sched, config.save_every)
   curves, cache = {}, {'shared': 0}
@@ -111,7 +110,7 @@ def test_quick_mode_end_to_end_and_the_last_epoch_matches_the_runs_finals(tmp_pa
     curves[m] = curve = wj.measure(study, config, m, records, steps, cache)
     for arm, name in (('ema', 'test_accuracy'), ('corrected', 'corrected_test_accuracy'),
                       ('subset', 'precise_test_accuracy')):
-      np.testing.assert_allclose(curve[arm][-1], claims.final(records, name), atol=1e-6)
+      np.testing.assert_allclose(curve[arm][-1], sweep.final(records, name), atol=1e-6)
   # BN's momentum does not enter training: the second momentum's runs have the first's
   # weights at every saved state (so PreciseBN was measured once), and the same PreciseBN.
   assert cache['shared'] == len(steps) * config.seeds

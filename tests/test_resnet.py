@@ -1,5 +1,5 @@
-"""The CIFAR ResNet: parameter counts derived by hand, shapes, option-A shortcuts, strided
-patch convolutions against XLA's, and a train step through bn_jax.train."""
+"""The CIFAR ResNet: parameter counts derived by hand, shapes, option-A shortcuts, the CPU
+convolutions against XLA's in the model, and a train step through bn_jax.train."""
 
 import functools
 
@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
+from bn_jax import convs
 from bn_jax import models
 from bn_jax import norms
 from bn_jax import resnet
@@ -77,8 +77,6 @@ def test_depth_must_be_6n_plus_2():
     resnet.ResNet(depth=21)
   with pytest.raises(ValueError, match='got 2'):
     resnet.ResNet(depth=2)  # n = 0: no blocks
-  with pytest.raises(ValueError, match="unknown conv 'fft': choose one of"):
-    resnet.ResNet(conv='fft')
   assert resnet.ResNet(depth=32).blocks_per_stage == 5
 
 
@@ -153,62 +151,23 @@ def test_conv_kernels_are_kaiming_normal_fan_out():
   assert 0.7 < stem.std() / np.sqrt(2.0 / 144) < 1.3
 
 
-@pytest.mark.parametrize('strides', [(2, 2), (1, 1), (2, 1)])
-@pytest.mark.parametrize('size,padding', [(8, ((1, 1), (1, 1))), (7, ((1, 1), (1, 1))),
-                                          (8, 'SAME'), (7, 'SAME'), (9, 'VALID'),
-                                          (8, ((0, 2), (1, 0)))])
-def test_patch_conv_equals_lax(size, padding, strides):
-  kx, kw = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (2, size, size, 3))
-  w = jax.random.normal(kw, (3, 3, 3, 5))
-  dims = ('NHWC', 'HWIO', 'NHWC')
-  ours = lambda x, w: resnet.patch_conv(x, w, strides, padding, dimension_numbers=dims)
-  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims)
-  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
-  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_stride2_conv_windows_centre_on_the_pixels_the_shortcut_keeps():
   # A kernel that copies its centre tap: the stride-2 conv (padding 1, as PyTorch's) gives
   # x[:, ::2, ::2], the shortcut's pixels; Flax's 'SAME' would give x[:, 1::2, 1::2].
   x = jnp.arange(36.0).reshape(1, 6, 6, 1)
   w = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)
-  conv = resnet._conv3x3(1, 2, BN, 'patches')  # pylint: disable=protected-access
+  conv = resnet._conv3x3(1, 2, BN, convs.LAYERS['patches'])  # pylint: disable=protected-access
   out = conv.apply({'params': {'kernel': w}}, x)
   np.testing.assert_array_equal(out, x[:, ::2, ::2])
   np.testing.assert_array_equal(out, resnet.shortcut_a(x, 1, 2))
-
-
-@pytest.mark.parametrize('size,padding', [(8, ((1, 1), (1, 1))), (7, 'SAME'), (6, 'VALID'),
-                                          (8, ((0, 2), (2, 0))), (5, ((3, 0), (0, 0)))])
-def test_forward_conv_equals_lax_with_gradients(size, padding):
-  kx, kw = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (2, size, size, 3))
-  w = jax.random.normal(kw, (3, 3, 3, 5))
-  dims = ('NHWC', 'HWIO', 'NHWC')
-  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, (1, 1), padding, dimension_numbers=dims)))
-  ours, ref = loss(resnet.forward_conv), loss(lax.conv_general_dilated)
-  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5)
-  # Float32 sums in another order differ by rounding relative to the gradient's scale (its
-  # entries reach ~30 here): the absolute tolerance is 1e-5 of the largest entry.
-  close = lambda got, want: np.testing.assert_allclose(
-      got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
-  for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
-    close(got, want)
-  # Seeds are vmapped in the training loop: the custom gradient batches too.
-  ws = jnp.stack([w, 2 * w])
-  batched = jax.vmap(jax.grad(ours, 1), (None, 0))(x, ws)
-  close(batched[1], jax.grad(ref, 1)(x, 2 * w))
 
 
 @pytest.mark.parametrize('conv', ['patches', 'forward'])
 def test_cpu_convolutions_equal_xla_convolutions_with_gradients(conv):
   x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 10
-  ours = resnet.ResNet(depth=8, width=4, norm=BN, conv=conv)
-  xla = resnet.ResNet(depth=8, width=4, norm=BN, conv='xla')
+  ours = resnet.ResNet(depth=8, width=4, norm=BN, conv=convs.LAYERS[conv])
+  xla = resnet.ResNet(depth=8, width=4, norm=BN)  # nn.Conv: XLA's convolutions
   variables = _init(ours, x.shape, seed=1)
 
   def loss(model, params, train):
@@ -226,8 +185,8 @@ def test_cpu_convolutions_equal_xla_convolutions_with_gradients(conv):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), g_o, g_x)
 
 
-def test_auto_conv_is_forward_on_cpu():
-  model = resnet.ResNet(depth=8, width=4, norm=BN)
+def test_create_model_picks_forward_conv_on_cpu():
+  model = models.create_model('resnet', depth=8, width=4, norm=BN)
   x = jnp.ones((2, 8, 8, 3))
   jaxpr = str(jax.make_jaxpr(lambda v: jax.grad(
       lambda p: model.apply({**v, 'params': p}, x, train=False).sum())(v['params']))(

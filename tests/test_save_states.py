@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from bn_jax import checkpoint
-from bn_jax import claims
 from bn_jax import interrupt
 from bn_jax import loop
 from bn_jax import models
@@ -77,7 +76,7 @@ def test_a_study_keeps_the_variables_at_each_step(tmp_path, small_dataset):
   config = settings.resolve(settings.base_config(), data='synthetic:400', val_fraction=0.25,
                             hidden=(16,), seeds=2, epochs=2, progress=False,
                             tensorboard=False, compilation_cache=False, devices=1)
-  study = claims.Study(config, small_dataset, str(tmp_path))
+  study = sweep.Study(config, small_dataset, str(tmp_path))
   (runs,) = study.runs([{'save_states_at': (5, 20)}])
   for r in runs:
     assert [p['step'] for p in r['saved']] == [5, 20]
@@ -102,7 +101,7 @@ def test_a_step_outside_the_run_is_refused_before_training(tmp_path, small_datas
 
 def test_initial_variables_are_those_a_run_starts_from(tmp_path, small_dataset):
   config = settings.resolve(settings.base_config(), hidden=(16,), seeds=1, first_seed=3)
-  study = claims.Study(config, small_dataset, str(tmp_path))
+  study = sweep.Study(config, small_dataset, str(tmp_path))
   start = study.initial_variables({'seed': 3}, norm='batch')
   model = study.model(norm='batch')
   sched = loop.Schedule(300, 32, 1)

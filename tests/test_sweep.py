@@ -18,6 +18,7 @@ from bn_jax import loop
 from bn_jax import report
 from bn_jax import results
 from bn_jax import settings
+from bn_jax import placement
 from bn_jax import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,11 +81,11 @@ def test_concurrent_runs_auto_is_one_per_cpu_core_on_one_cpu_device():
   class Runner:
     num_devices = 1
 
-  assert sweep.concurrent_runs(config, Runner, 100) == min(os.cpu_count(), 8)
-  assert sweep.concurrent_runs(config, Runner, 1) == 1  # never more than the configurations
+  assert placement.concurrent_runs(config, Runner, 100) == min(os.cpu_count(), 8)
+  assert placement.concurrent_runs(config, Runner, 1) == 1  # never more than the configurations
   Runner.num_devices = 8  # one program uses every device: one at a time
   config.concurrent_runs = 4
-  assert sweep.concurrent_runs(config, Runner, 100) == 1
+  assert placement.concurrent_runs(config, Runner, 100) == 1
 
 
 @pytest.mark.slow

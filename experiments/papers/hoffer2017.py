@@ -33,7 +33,6 @@ import os
 
 import numpy as np
 
-from bn_jax import claims
 from bn_jax import cli
 from bn_jax import health
 from bn_jax import papers
@@ -156,10 +155,10 @@ def main(config, workdir):
   dataset = sweep.load_data(config)
   num_train = len(dataset.train_labels)
   overrides = grid(config, num_train)
-  study = claims.Study(config, dataset, workdir, experiment='hoffer2017')
+  study = sweep.Study(config, dataset, workdir, experiment='hoffer2017')
   runs = dict(zip(ARMS, study.runs([overrides[a] for a in ARMS])))
-  test = {a: claims.final(rs, 'test_accuracy') for a, rs in runs.items()}
-  train = {a: claims.final(rs, 'train_eval_accuracy') for a, rs in runs.items()}
+  test = {a: sweep.final(rs, 'test_accuracy') for a, rs in runs.items()}
+  train = {a: sweep.final(rs, 'train_eval_accuracy') for a, rs in runs.items()}
   steps = {a: rs[0]['steps'] for a, rs in runs.items()}
   plot(os.path.join(workdir, 'accuracy.png'), runs, train, test)
   rows = findings(config, runs, test, steps)

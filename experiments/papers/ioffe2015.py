@@ -28,7 +28,6 @@ import os
 
 import numpy as np
 
-from bn_jax import claims
 from bn_jax import cli
 from bn_jax import health
 from bn_jax import papers
@@ -104,7 +103,7 @@ def choose_rates(study, config):
     grid = [{'norm': norm, 'learning_rate': lr, 'max_steps': config.select_steps,
              'first_seed': config.first_seed + config.seeds, 'seeds': config.select_seeds}
             for lr in config.lrs]
-    accuracy = {lr: float(np.nan_to_num(claims.final(rs, 'val_accuracy'), nan=0.0).mean())
+    accuracy = {lr: float(np.nan_to_num(sweep.final(rs, 'val_accuracy'), nan=0.0).mean())
                 for lr, rs in zip(config.lrs, study.runs(grid))}
     chosen[norm] = max(accuracy, key=accuracy.get), accuracy
   return chosen
@@ -145,7 +144,7 @@ def sigmoid_inputs(study, runs, rates, config, steps):
 def main(config, workdir):
   check(config)
   dataset = sweep.load_data(config)
-  study = claims.Study(config, dataset, workdir, experiment='ioffe2015')
+  study = sweep.Study(config, dataset, workdir, experiment='ioffe2015')
   rates = choose_rates(study, config)
   steps = budgets(config)
   grid = [{'norm': n, 'learning_rate': rates[n][0], 'save_states_at': steps} for n in NORMS]

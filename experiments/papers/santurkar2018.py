@@ -225,7 +225,7 @@ def main(config, workdir):
   steps = check(config, schedule.total_steps)
   at = [steps[k - 1] for k in sorted(config.measure_at)]
   config = settings.resolve(config, save_states_at=tuple(steps))
-  study = claims.Study(config, dataset, workdir, experiment='santurkar2018')
+  study = sweep.Study(config, dataset, workdir, experiment='santurkar2018')
   runs = dict(zip(NORMS, study.runs([{'norm': n} for n in NORMS])))
   order = np.random.default_rng(0).permutation(len(dataset.train_labels))
   batches = [(dataset.images('train', rows), dataset.train_labels[rows]) for rows in

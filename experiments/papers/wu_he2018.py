@@ -28,7 +28,6 @@ import os
 
 import numpy as np
 
-from bn_jax import claims
 from bn_jax import cli
 from bn_jax import papers
 from bn_jax import report
@@ -151,7 +150,7 @@ def errors(config, runs):
   """Test error (%) per seed of every (norm, n): BN with its `statistics(config)`."""
   key = {'precise': 'precise_test_accuracy', 'corrected': 'corrected_test_accuracy',
          'ema': 'test_accuracy'}[statistics(config)]
-  return {(norm, n): 100 * (1 - claims.final(rs, key if norm == 'batch' else 'test_accuracy'))
+  return {(norm, n): 100 * (1 - sweep.final(rs, key if norm == 'batch' else 'test_accuracy'))
           for (norm, n), rs in runs.items()}
 
 
@@ -193,7 +192,7 @@ def details(config, runs, error):
   """Markdown: test error per norm and n (BN also with its running averages), steps, rates."""
   sizes = sorted(config.group_sizes, reverse=True)
   cell = lambda e: f'{np.nanmean(e):.2f} ± {np.nanstd(e):.2f}'
-  ema = {n: 100 * (1 - claims.final(runs['batch', n], 'test_accuracy')) for n in sizes}
+  ema = {n: 100 * (1 - sweep.final(runs['batch', n], 'test_accuracy')) for n in sizes}
   table = ['| norm | ' + ' | '.join(f'{n} per device' for n in sizes) + ' |',
            '|---|' + '---|' * len(sizes)]
   table += [f'| {NAMES.get(norm, norm)} ({statistics(config) if norm == "batch" else "-"}) | '
@@ -209,7 +208,7 @@ def details(config, runs, error):
 def main(config, workdir):
   check(config)
   dataset = sweep.load_data(config)
-  study = claims.Study(config, dataset, workdir, experiment='wu_he2018')
+  study = sweep.Study(config, dataset, workdir, experiment='wu_he2018')
   sizes = sorted(config.group_sizes, reverse=True)
   keys = [(norm, n) for norm in config.norms for n in sizes]
   runs = dict(zip(keys, study.runs([run_overrides(config, *k) for k in keys])))

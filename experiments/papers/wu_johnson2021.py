@@ -231,7 +231,7 @@ def findings(config, runs, curves, steps):
 def details(config, runs, curves, steps):
   """A markdown table per momentum: the final numbers (the runs' own `final`), and the
   per-epoch means over the warmed epochs and over all epochs (corrected EMA)."""
-  final = lambda rs, name: np.nanmean(claims.final(rs, name))
+  final = lambda rs, name: np.nanmean(sweep.final(rs, name))
   lines = [f'Test accuracy, mean over {config.seeds} seeds. Final: the runs\' own numbers '
            f'(`final`) after {steps[-1]} steps. Per epoch: means over the epochs with a warmed '
            'EMA (m^t <= 0.01); "all epochs" uses the bias-corrected EMA, which has no initial '
@@ -277,7 +277,7 @@ def plot(workdir, config, curves, epochs):
 def main(config, workdir):
   check(config)
   dataset = sweep.load_data(config)
-  study = claims.Study(config, dataset, workdir, experiment='wu_johnson2021')
+  study = sweep.Study(config, dataset, workdir, experiment='wu_johnson2021')
   sched = schedule.Schedule(len(dataset.train_labels), config.batch_size, config.epochs,
                             config.max_steps, num_devices=sweep.make_runner(config).num_devices)
   steps = save_points(sched, config.save_every)
