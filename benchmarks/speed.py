@@ -280,7 +280,7 @@ def main():
   sweep.enable_compilation_cache(_cache(cache))
   wall, train_s, acc = grid(dataset, args.epochs, cache)
   # `runs`: the runs' own wall times summed; configurations train concurrently
-  # (sweep.concurrent_runs), so this exceeds the wall time.
+  # (placement.concurrent_runs), so this exceeds the wall time.
   out['grid_cold'] = {'wall': wall, 'runs': train_s,
                       'test_accuracy_min_max': [min(acc), max(acc)]}
   jax.clear_caches()  # the warm run reads the persistent cache the cold run filled

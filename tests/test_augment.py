@@ -88,6 +88,7 @@ def _state(augmentation, dropout=0.0):
   return train.create_train_state(model, jax.random.key(0), 1e-3, augment=augmentation)
 
 
+@pytest.mark.slow
 def test_train_step_augments_anew_every_step_and_eval_never(small_dataset):
   device = train.DeviceData.put(small_dataset)
   batch = train.gather_batch(device.arrays, jnp.arange(32))
@@ -132,6 +133,7 @@ def cifar_like():
   return train.DeviceData.put(data.load('synthetic:200:32x32x3'))
 
 
+@pytest.mark.slow
 def test_cnn_on_32x32x3_chunk_size_does_not_change_augmented_results(cifar_like):
   model = models.create_model('cnn', norm='batch', features=(8, 16), dense=32, dropout=0.2)
   whole, s_whole = _fit(model, cifar_like)
@@ -143,6 +145,7 @@ def test_cnn_on_32x32x3_chunk_size_does_not_change_augmented_results(cifar_like)
     assert h_whole['train_loss'] == pytest.approx(h_one['train_loss'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_are_augmented_as_seeds_alone(small_dataset):
   model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
   device = train.DeviceData.put(small_dataset)
@@ -154,6 +157,7 @@ def test_vmapped_seeds_are_augmented_as_seeds_alone(small_dataset):
                                                          rel=1e-5)
 
 
+@pytest.mark.slow
 def test_augmented_run_on_4_devices_equals_one_device():
   # Sync BN, no dropout: each example is cropped and flipped alike however the batch is split.
   device_data = data.load('synthetic:400', val_fraction=0.2)  # 320 train: 10 batches of 32
@@ -179,6 +183,7 @@ class _FailAfter(train.OneDevice):
     return train.train_chunks(*args)
 
 
+@pytest.mark.slow
 def test_resumed_augmented_run_is_bit_identical(small_dataset, tmp_path):
   model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
   device = train.DeviceData.put(small_dataset)

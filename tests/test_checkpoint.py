@@ -56,6 +56,7 @@ def uninterrupted(small_dataset, tmp_path_factory):
   return _fit(small_dataset, tmp_path_factory.mktemp('uninterrupted'))
 
 
+@pytest.mark.slow
 def test_resume_after_a_fault_gives_the_uninterrupted_result(small_dataset, tmp_path,
                                                               uninterrupted):
   with pytest.raises(RuntimeError, match='injected fault'):

@@ -2,10 +2,8 @@
 rule is tested in test_verdicts.py)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +28,7 @@ def _mlp(**kwargs):
   return model, model.init(jax.random.key(2), x, train=False), x, y
 
 
+@pytest.mark.slow
 def test_shift_by_one_and_zero_reproduces_the_unshifted_accuracy():
   model, variables, x, y = _mlp(norm='batch')
   assert claims.accuracy(model, variables, claims.shift(x, 1.0, 0.0), y) == (
@@ -64,6 +63,7 @@ def test_layer_gradient_norms_match_a_hand_computation():
   np.testing.assert_allclose(norms, [np.linalg.norm(dw1), np.linalg.norm(dw2)], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_layer_gradient_norms_of_a_cnn_run_from_input_to_output():
   # 11 conv layers: Conv_10 must follow Conv_9 (numeric, not text order), then the Dense ones.
   model = models.create_model('cnn', norm='batch', features=(2,) * 11, dense=4, dropout=0.0)
@@ -83,6 +83,7 @@ def test_layer_gradient_norms_of_a_cnn_run_from_input_to_output():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_study_trains_through_the_sweep_once_and_keeps_final_states(tmp_path, monkeypatch):
   config = settings.base_config()
   config.update(data='synthetic:200', seeds=2, epochs=1, progress=False, hidden=(8,),
@@ -137,47 +138,6 @@ def test_claims_script_quick_mode_end_to_end(tmp_path):
   for name in ('lr', 'init', 'depth', 'regularization', 'shift', 'overhead', 'inference',
                'ics'):
     assert (tmp_path / 'claims' / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
-
-
-def _verdict_rows(workdir):
-  return [line for line in (workdir / 'claims.md').read_text().splitlines()
-          if line.startswith('| ') and 'claim |' not in line]
-
-
-@pytest.mark.slow
-def test_claims_killed_midway_resume_to_the_same_table_then_train_nothing(tmp_path):
-  flags = ('--config.claims=lr,regularization,shift',)
-  clean = _run_script(tmp_path / 'clean', *flags)
-  assert clean.returncode == 0, clean.stderr[-3000:]
-  killed = tmp_path / 'killed'
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  proc = subprocess.Popen([sys.executable, os.path.join(root, 'experiments', 'claims.py'),
-                           f'--workdir={killed}', '--config.quick=true',
-                           '--config.compilation_cache=false', *flags],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-  results_path = killed / 'results.jsonl'
-  # Kill once 2 of its 12 runs are in, however long that takes on a busy machine (if the
-  # process ends first, the asserts below say so).
-  deadline = time.monotonic() + HANG_SECONDS
-  while proc.poll() is None and time.monotonic() < deadline:
-    if results_path.exists() and len(results.read_records(results_path)) >= 2:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL
-  done = len(results.read_records(results_path))
-  assert 2 <= done < 12, done
-  resumed = _run_script(killed, *flags)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'{min(done, 8)} of 8 runs finished before' in resumed.stdout  # lr's 8 runs first
-  assert _verdict_rows(killed) == _verdict_rows(tmp_path / 'clean')
-  third = _run_script(killed, *flags)
-  assert third.returncode == 0 and 'training 0 runs' in third.stdout
-  assert 'runs in 1 configurations' not in third.stdout and _verdict_rows(killed) == (
-      _verdict_rows(tmp_path / 'clean'))
-  keys = [(r['run_key'], r['seed']) for r in results.read_records(results_path)]
-  assert len(keys) == 12 and len(set(keys)) == 12
 
 
 @pytest.mark.slow

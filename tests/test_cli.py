@@ -48,6 +48,7 @@ def _run(tmp_path, *flags):
     (('--config.raise_=data',), 2, 'error: data_batch_1 is not a CIFAR-10 batch: extract it '
                                    'again.'),
 ])
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_bugs_show_their_traceback(tmp_path, flags, code, last):
   out = _run(tmp_path, *flags)
   assert out.returncode == code, out.stderr[-2000:]

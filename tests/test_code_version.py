@@ -69,6 +69,7 @@ def _fingerprint(small_dataset, seeds=(0,), **overrides):
                                   optimizer=settings.make_optimizer(config, 10, 10))
 
 
+@pytest.mark.slow
 def test_program_fingerprint_follows_the_numbers_not_the_seed_values(small_dataset,
                                                                       monkeypatch):
   base = _fingerprint(small_dataset)
@@ -112,6 +113,7 @@ def test_same_numbers_when_the_sources_or_the_host_code_and_programs_agree():
   assert not code_version.same_numbers({'sources': 's1'}, now, programs)  # an older record
 
 
+@pytest.mark.slow
 def test_a_sweep_reuses_runs_when_only_the_sources_text_changed(tmp_path, monkeypatch):
   config = settings.base_config()
   config.update(data='synthetic:200', seeds=2, epochs=1, hidden=(8,), progress=False,

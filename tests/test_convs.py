@@ -40,6 +40,7 @@ def test_patch_conv_of_ones_counts_the_pixels_under_the_kernel():
 @pytest.mark.parametrize('size,padding', [(8, ((1, 1), (1, 1))), (7, ((1, 1), (1, 1))),
                                           (8, 'SAME'), (7, 'SAME'), (9, 'VALID'),
                                           (8, ((0, 2), (1, 0)))])
+@pytest.mark.slow
 def test_patch_conv_equals_lax_with_gradients(size, padding, strides):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (2, size, size, 3))
@@ -54,6 +55,7 @@ def test_patch_conv_equals_lax_with_gradients(size, padding, strides):
 
 @pytest.mark.parametrize('size,padding', [(8, ((1, 1), (1, 1))), (7, 'SAME'), (6, 'VALID'),
                                           (8, ((0, 2), (2, 0))), (5, ((3, 0), (0, 0)))])
+@pytest.mark.slow
 def test_forward_conv_equals_lax_with_gradients(size, padding):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (2, size, size, 3))

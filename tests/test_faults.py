@@ -138,6 +138,7 @@ def test_a_configuration_whose_seeds_were_partly_recorded_resumes_them_together(
   assert [r['seed'] for r in results.read_records(tmp_path / 'results.jsonl')] == [0, 1]
 
 
+@pytest.mark.slow
 def test_data_that_changed_under_a_workdir_is_trained_again(tmp_path, capsys):
   directory = tmp_path / 'data'
   directory.mkdir()

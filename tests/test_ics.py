@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bn_jax import ics
 from bn_jax import models
@@ -52,6 +53,7 @@ def test_landscape_of_a_quadratic_has_its_curvature_as_beta():
   np.testing.assert_allclose(out['loss_range'], max(expected) - min(expected), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_loss_taking_its_data_gives_the_closures_numbers():
   rng = np.random.default_rng(4)
   images = jnp.asarray(rng.uniform(0, 1, (8, 6, 6, 1)), jnp.float32)

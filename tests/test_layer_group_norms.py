@@ -74,6 +74,7 @@ def test_groups_are_capped_at_the_channels_and_must_divide_them():
 @pytest.mark.parametrize('name, kwargs, before', [
     ('mlp', dict(hidden=(8, 6)), 'Dense'),
     ('cnn', dict(features=(4, 6), dense=5), 'Conv')])
+@pytest.mark.slow
 @pytest.mark.parametrize('kind, layer', [('layer', 'LayerNorm'), ('group', 'GroupNorm')])
 def test_per_example_norms_in_the_models(name, kwargs, before, kind, layer):
   model = models.create_model(name, norm=kind, norm_groups=2, dropout=0.0, **kwargs)
@@ -112,6 +113,7 @@ def test_new_constructors_compare_hash_and_replace():
 
 @pytest.mark.parametrize('name, kwargs', [('mlp', dict(hidden=(8,))),
                                           ('cnn', dict(features=(4, 8), dense=8))])
+@pytest.mark.slow
 @pytest.mark.parametrize('norm', ['batch_renorm', 'layer', 'group'])
 def test_one_train_step_with_each_norm_changes_the_params(name, kwargs, norm):
   model = models.create_model(name, norm=norm, norm_groups=4, renorm_warmup_steps=0,
@@ -145,6 +147,7 @@ def test_group_norm_equals_the_closed_form_and_flax():
   np.testing.assert_allclose(module.apply(variables, x), flax_out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('features, groups', [((8,), 4), ((8,), 2), ((32, 64), 16)])
 def test_jitted_cnn_gradient_with_group_norm_is_finite(features, groups):
   rng = np.random.default_rng(1)

@@ -41,6 +41,7 @@ def test_chunk_size_does_not_change_results(small_dataset):
         assert a[key] == pytest.approx(b[key], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_equal_seeds_run_one_at_a_time(small_dataset):
   together, s_together = _fit(small_dataset, seeds=(0, 1, 2), epochs=1)
   for i, seed in enumerate((0, 1, 2)):
@@ -134,6 +135,7 @@ def test_step_budget_stops_mid_epoch(small_dataset):
   assert [p['step'] for p in result['curve']] == [5, 10, 13]
 
 
+@pytest.mark.slow
 def test_one_thread_at_a_time_compiles_a_models_shared_programs(small_dataset, monkeypatch):
   """Configurations of one model share its init and eval programs (`loop.compile_programs`):
   concurrent compiles of them would do the work twice and can interleave their writes of one
@@ -165,6 +167,7 @@ def test_one_thread_at_a_time_compiles_a_models_shared_programs(small_dataset, m
   assert most == {bn: 1, plain: 1}  # never two threads in one model's shared compile
 
 
+@pytest.mark.slow
 def test_equal_models_share_one_eval_program_whatever_the_optimizer(small_dataset):
   """Configurations that differ in batch size and optimizer object (a schedule), each with its
   own (equal) model object, compile one init and one eval program: bound methods compare their
@@ -194,6 +197,7 @@ def test_progress_bar_only_on_a_terminal(small_dataset, capsys):
   assert '\r' not in err and '\x1b[A' not in err and 'it/s' not in err
 
 
+@pytest.mark.slow
 def test_without_a_terminal_progress_is_a_line_per_epoch(small_dataset, capsys):
   model = models.create_model('mlp', norm='batch', hidden=(8,), dropout=0.0)
   results, _ = loop.fit(model, small_dataset, seeds=(0, 1), batch_size=50, epochs=2,

@@ -79,6 +79,7 @@ def test_cnn_depth_pools_and_init_scale():
     ('cnn', dict(features=(4, 4, 4)), 4), ('cnn', dict(features=(4,), pools=0), 1),
     ('resnet', dict(width=4), 1), ('mlp', dict(hidden=(4,)), 1),
 ])
+@pytest.mark.slow
 def test_min_image_size_is_the_smallest_image_the_model_takes(name, layers, size):
   model = models.create_model(name, norm='batch', **layers)
   assert models.min_image_size(model) == size
@@ -99,6 +100,7 @@ def test_bad_names_are_clear_errors():
 
 @pytest.mark.parametrize('name, layers', [('mlp', {'hidden': (32,)}),
                                           ('cnn', {'features': (8, 8), 'dense': 16})])
+@pytest.mark.slow
 def test_half_precision_computes_in_bf16_and_keeps_bn_in_float32(name, layers):
   x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
   full = models.create_model(name, norm='batch', dropout=0.0, **layers)

@@ -211,6 +211,7 @@ def test_equal_settings_give_equal_constructors_and_one_trace():
 
 @pytest.mark.parametrize('name, kwargs', [('mlp', dict(hidden=(8, 6))),
                                           ('cnn', dict(features=(4, 3), dense=5))])
+@pytest.mark.slow
 def test_batch_and_one_group_ghost_models_have_the_same_variables_and_outputs(name, kwargs):
   x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
   mask = jnp.array([1, 1, 1, 1, 1, 1, 0, 0])

@@ -48,6 +48,7 @@ def _max_diff(a, b):
       lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
 
 
+@pytest.mark.slow
 def test_sync_on_8_devices_equals_one_device_on_the_whole_batch(dataset):
   assert len(jax.devices()) == 8
   one, s1 = _fit(dataset, norm='batch')
@@ -65,6 +66,7 @@ def test_sync_on_8_devices_equals_one_device_on_the_whole_batch(dataset):
   assert _max_diff(s1.batch_stats, local.batch_stats) > 1e-3
 
 
+@pytest.mark.slow
 def test_float16_loss_scaling_on_8_devices_equals_one_device(dataset):
   # SGD: an update proportional to the gradient, so a gradient summed wrongly over devices
   # would show (Adam's update hardly depends on the gradient's scale).
@@ -75,9 +77,15 @@ def test_float16_loss_scaling_on_8_devices_equals_one_device(dataset):
   # the same scale on every device and in both runs: 20 finite steps counted, none skipped
   np.testing.assert_array_equal(s1.dynamic_scale.fin_steps, [20, 20])
   np.testing.assert_array_equal(s8.dynamic_scale.fin_steps, s1.dynamic_scale.fin_steps)
-  _assert_close(s1.params, s8.params, atol=2e-3)  # float16 sums in another order
+  # Float16 sums in another order: a few of the 25k weights drift by ~1e-3 over the 20 steps;
+  # a gradient summed wrongly over the devices would move all of them.
+  _assert_close(s1.params, s8.params, atol=5e-3)
+  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: np.abs(np.asarray(x) - np.asarray(y)),
+                                       s1.params, s8.params))
+  assert np.mean(np.concatenate([d.ravel() for d in diffs])) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['shard_map', 'pmap'])
 def test_sgd_on_8_devices_takes_the_one_device_step(dataset, kind):
   """SGD's update is proportional to the gradient: a gradient summed once too often over the
@@ -89,6 +97,7 @@ def test_sgd_on_8_devices_takes_the_one_device_step(dataset, kind):
   _assert_close(s1.params, s8.params, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_local_on_8_devices_equals_ghost_per_device_batch_on_one_device(dataset):
   _, local = _fit(dataset, parallel.DataParallel(8), norm='batch')
   _, ghost = _fit(dataset, norm='ghost', bn_group_size=32 // 8)
@@ -96,6 +105,7 @@ def test_local_on_8_devices_equals_ghost_per_device_batch_on_one_device(dataset)
   _assert_close(local.batch_stats, ghost.batch_stats, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ghost_with_group_equal_to_batch_equals_plain_bn(dataset):
   _, plain = _fit(dataset, norm='batch', epochs=1)
   _, ghost = _fit(dataset, norm='ghost', bn_group_size=32, epochs=1)
@@ -103,6 +113,7 @@ def test_ghost_with_group_equal_to_batch_equals_plain_bn(dataset):
   _assert_close(plain.batch_stats, ghost.batch_stats, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shard_map_and_pmap_agree_step_for_step(dataset):
   kwargs = dict(norm='batch', bn_axis_name='batch', dropout=0.2)  # dropout on: same rngs
   runs = {}
@@ -120,6 +131,7 @@ def test_shard_map_and_pmap_agree_step_for_step(dataset):
   _assert_close(sa.batch_stats, sb.batch_stats, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('bn_axis_name', ['batch', None])  # sync, local
 def test_running_averages_are_identical_on_every_device(dataset, bn_axis_name):
   runner = parallel.DataParallel(8)
@@ -140,6 +152,7 @@ def test_running_averages_are_identical_on_every_device(dataset, bn_axis_name):
   assert np.abs(np.asarray(jax.tree.leaves(states.batch_stats)[0])).max() > 0
 
 
+@pytest.mark.slow
 def test_dropout_differs_per_device(dataset):
   # Same data, same init; with dropout each device must draw its own mask, so the 8-device
   # run is not the 1-device run (which draws one mask for the whole batch).

@@ -47,6 +47,7 @@ def test_the_sample_is_fixed_by_seed():
   assert sorted(precise_bn.sample(100, 500, seed=0)) == list(range(100))
 
 
+@pytest.mark.slow
 def test_fit_records_metrics_with_precise_statistics(small_dataset):
   model = models.create_model('mlp', norm='batch', hidden=(16,), bn_momentum=0.999)
   runs, states = loop.fit(model, small_dataset, seeds=(0, 1), batch_size=30, epochs=1,
@@ -69,6 +70,7 @@ def test_fit_records_metrics_with_precise_statistics(small_dataset):
   assert 'precise_val_accuracy' not in runs[0]['final']
 
 
+@pytest.mark.slow
 def test_precise_statistics_of_the_resnet_which_has_no_dropout():
   # The ResNet's first BN normalizes its stem convolution: with one batch of everything the
   # population statistics are that convolution's per-channel mean and variance.

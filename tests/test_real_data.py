@@ -11,6 +11,7 @@ from bn_jax import models
 FASHION = '/usr/share/datasets/fashion-mnist'
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason='apt-get install dataset-fashion-mnist')
 def test_one_epoch_of_the_bn_mlp_reaches_80_percent():
   ds = data.load(f'idx:{FASHION}')

@@ -57,6 +57,7 @@ def test_resnet20_parameter_count_by_hand_and_he_et_al():
   assert 0.845e6 <= _hand_count(3, n=9) <= 0.855e6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape,last_map', [((2, 32, 32, 3), 8), ((2, 28, 28, 1), 7)])
 def test_output_and_stage_shapes(shape, last_map):
   model = resnet.ResNet(norm=BN)
@@ -162,6 +163,7 @@ def test_stride2_conv_windows_centre_on_the_pixels_the_shortcut_keeps():
   np.testing.assert_array_equal(out, resnet.shortcut_a(x, 1, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('conv', ['patches', 'forward'])
 def test_cpu_convolutions_equal_xla_convolutions_with_gradients(conv):
   x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
@@ -194,6 +196,7 @@ def test_create_model_picks_forward_conv_on_cpu():
   assert ('custom_vjp_call' in jaxpr) == (jax.default_backend() == 'cpu')
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = resnet.ResNet(depth=8, width=4, norm=BN, dtype=jnp.bfloat16)
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
@@ -209,6 +212,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_mask_reaches_every_norm():
   # A padded example (mask 0) must not move the outputs of the real ones in train mode.
   model = resnet.ResNet(depth=8, width=4, norm=BN)
@@ -223,6 +227,7 @@ def test_mask_reaches_every_norm():
                padded_stats, small_stats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', norms.NORMS)
 def test_every_norm_kind_builds_and_trains(kind):
   norm = norms.norm_layer(kind, group_size=2, groups=2)
@@ -243,6 +248,7 @@ def test_create_model_keywords():
   assert (built.depth, built.width, built.norm.momentum) == (32, 8, 0.9)
 
 
+@pytest.mark.slow
 def test_train_step_runs_and_changes_params():
   model = resnet.ResNet(depth=8, width=8, norm=BN)
   state = train.create_train_state(model, jax.random.key(0), 1e-3, (1, 32, 32, 3))

@@ -69,6 +69,7 @@ def _config(**overrides):
   return config
 
 
+@pytest.mark.slow
 def test_per_device_placement_gives_each_run_its_one_device_numbers(tmp_path):
   grid = [{'batch_size': b} for b in (16, 32, 48)]
   dataset = data.load('synthetic:200')

@@ -12,6 +12,7 @@ from bn_jax import settings
 from bn_jax import sweep
 
 
+@pytest.mark.slow
 def test_event_files_hold_every_eval_point_epoch_and_the_hparams(tmp_path):
   event_accumulator = pytest.importorskip(
       'tensorboard.backend.event_processing.event_accumulator')
@@ -55,6 +56,7 @@ def test_tensorboard_can_be_turned_off(tmp_path):
   assert not (tmp_path / 'tensorboard').exists()
 
 
+@pytest.mark.slow
 def test_runs_are_named_and_grouped_by_the_settings_the_grid_varies(tmp_path):
   config = settings.base_config()
   config.update(data='synthetic:200', seeds=2, epochs=1, hidden=(8,), progress=False,

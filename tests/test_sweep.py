@@ -58,6 +58,7 @@ def _numbers(record):
           [{k: v for k, v in h.items() if k != 'seconds'} for h in record['history']])
 
 
+@pytest.mark.slow
 def test_concurrent_runs_record_the_numbers_of_runs_one_after_another(tmp_path):
   config = settings.base_config()
   config.update(data='synthetic:300', seeds=2, epochs=2, hidden=(8,), progress=False,
@@ -212,6 +213,7 @@ def _keys_on_disk(workdir):
   return [(r['run_key'], r['seed']) for r in results.read_records(workdir / 'results.jsonl')]
 
 
+@pytest.mark.slow
 def test_a_growing_grid_trains_only_the_new_configurations(tmp_path, counting):
   config, dataset = _small_config(), data.load('synthetic:200')
   grid = lambda sizes: [{'norm': n, 'batch_size': b} for n in ('batch', 'none') for b in sizes]

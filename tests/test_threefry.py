@@ -9,6 +9,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from jax.extend.random import threefry_2x32
 
 from _limits import HANG_SECONDS
@@ -52,6 +53,7 @@ def test_cpu_programs_hash_without_a_loop():
   assert jax.default_backend() != 'cpu' or ' while(' not in hlo  # JAX's CPU lowering loops
 
 
+@pytest.mark.slow
 def test_same_bits_as_jax_without_bn_jax():
   scope = {}
   exec(DRAWS, scope)  # pylint: disable=exec-used
@@ -67,6 +69,7 @@ def test_same_bits_as_jax_without_bn_jax():
   assert np.asarray(ours['normal']).std() > 0.5  # real draws, not a constant
 
 
+@pytest.mark.slow
 def test_importing_bn_jax_changes_nothing_global():
   """`import bn_jax` (every module) loads no plotting, checkpoint, statistics or TensorFlow
   library and leaves JAX's CPU lowering of threefry as it was (a loop); `install()` then

@@ -1,11 +1,14 @@
 """The step timer: models timed in turn, one entry per round, state sizes (no time asserted)."""
 
+import pytest
+
 from bn_jax import data as data_lib
 from bn_jax import models
 from bn_jax import timing
 from bn_jax import train
 
 
+@pytest.mark.slow
 def test_models_are_timed_in_turn_within_each_round(monkeypatch):
   data = train.DeviceData.put(data_lib.load('synthetic:64'))
   nets = {'batch': models.create_model('mlp', norm='batch', hidden=(8,)),

@@ -30,6 +30,7 @@ def _assert_trees_close(a, b, **tol):
   jax.tree.map(functools.partial(np.testing.assert_allclose, **tol), a, b)
 
 
+@pytest.mark.slow
 def test_train_step_is_pure_and_jit_agrees(small_dataset):
   state = _state(dropout=0.2)
   before = copy.deepcopy(jax.device_get((state.params, state.batch_stats, state.opt_state)))
@@ -53,6 +54,7 @@ def test_train_step_is_pure_and_jit_agrees(small_dataset):
   assert np.abs(s1.batch_stats['BatchNorm_0']['mean']).max() > 0
 
 
+@pytest.mark.slow
 def test_dropout_mask_changes_every_step(small_dataset):
   state, batch, rng = _state(dropout=0.5), _batch(small_dataset, 32), jax.random.key(0)
   _, m0 = train.train_step(state, batch, rng)
@@ -60,6 +62,7 @@ def test_dropout_mask_changes_every_step(small_dataset):
   assert float(m0['loss']) != float(m1['loss'])  # same params and batch, other dropout mask
 
 
+@pytest.mark.slow
 def test_padded_batch_equals_the_smaller_batch(small_dataset):
   # The last partial batch of an epoch is padded and masked: the step must equal a step on
   # the real rows alone (loss, gradients and BN statistics all ignore the padding).
@@ -82,6 +85,7 @@ def test_loss_falls_over_a_few_steps(small_dataset):
   assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('n, batch_size', [(37, 10), (100, 7), (5, 64)])
 def test_evaluate_counts_every_example_once(small_dataset, n, batch_size):
   state = _state()
@@ -153,6 +157,7 @@ def test_step_on_device_pixels_is_bit_identical_to_the_float_path(small_dataset)
                  (results[0][0].params, results[0][0].batch_stats, results[0][1]))
 
 
+@pytest.mark.slow
 def test_one_program_runs_chunks_of_every_length(small_dataset):
   """`train_chunks` trains rows start .. stop-1 with run-time bounds: chunks (0, 3), (3, 4) and
   (4, 10) compile one program and train what one chunk (0, 10) trains."""
@@ -180,6 +185,7 @@ def test_unknown_augment_is_refused():
     train.create_train_state(model, jax.random.key(0), 1e-3, augment='flip')
 
 
+@pytest.mark.slow
 def test_init_and_evaluation_programs_are_shared_across_optimizers(small_dataset):
   """Configurations that differ only in optimizer (or schedule, batch size) compile one init
   and one eval program, and init_states gives create_train_state's numbers."""
@@ -200,6 +206,7 @@ def test_init_and_evaluation_programs_are_shared_across_optimizers(small_dataset
     np.testing.assert_array_equal(a, b[1])
 
 
+@pytest.mark.slow
 def test_loss_scaling_at_scale_one_is_the_plain_step(small_dataset):
   from flax.training import dynamic_scale  # pylint: disable=g-import-not-at-top
   state = _state(hidden=(8,))
@@ -212,6 +219,7 @@ def test_loss_scaling_at_scale_one_is_the_plain_step(small_dataset):
   assert int(scaled.dynamic_scale.fin_steps) == 1  # one finite step counted
 
 
+@pytest.mark.slow
 def test_an_overflowing_float16_step_changes_only_the_scale(small_dataset):
   from flax.training import dynamic_scale  # pylint: disable=g-import-not-at-top
   model = models.create_model('mlp', norm='batch', hidden=(8,), dtype=np.float16)

@@ -35,6 +35,7 @@ from bn_jax import claims
 from bn_jax import cli
 from bn_jax import health
 from bn_jax import papers
+from bn_jax import placement
 from bn_jax import precise_bn
 from bn_jax import report
 from bn_jax import schedule
@@ -279,7 +280,7 @@ def main(config, workdir):
   dataset = sweep.load_data(config)
   study = sweep.Study(config, dataset, workdir, experiment='wu_johnson2021')
   sched = schedule.Schedule(len(dataset.train_labels), config.batch_size, config.epochs,
-                            config.max_steps, num_devices=sweep.make_runner(config).num_devices)
+                            config.max_steps, num_devices=placement.make_runner(config).num_devices)
   steps = save_points(sched, config.save_every)
   runs = dict(zip(config.momenta, study.runs([{'bn_momentum': m, 'save_states_at': steps}
                                               for m in config.momenta])))
