@@ -24,6 +24,7 @@ Modules, in the order data flows through them:
   interrupt     SIGTERM / SIGINT: stop at a chunk boundary, checkpoint, resume
   code_version  which code made a run, and whether other code gives the same numbers
   results       records, run keys, the workdir, atomic files
+  locks         one writer per workdir, checked before every record
   reuse         what a sweep keeps of its workdir: finished runs, checkpoints, states
   shards        a sweep split over processes sharing a workdir
   placement     where a sweep trains: one device, data-parallel, or one run per device

@@ -25,6 +25,7 @@ from bn_jax import checks
 from bn_jax import code_version
 from bn_jax import data
 from bn_jax import interrupt
+from bn_jax import locks
 from bn_jax import loop
 from bn_jax import parallel
 from bn_jax import placement
@@ -228,7 +229,7 @@ class _Trainer:
   def record(self, key, c, seeds, new, states, records, checkpointer):
     """Writes a configuration's records (its final states first, when kept), then deletes its
     checkpoints."""
-    results.check_lock(self.work.path)
+    locks.check_lock(self.work.path)
     if self.save_states:  # before the records: a recorded run always has its state
       for i, seed in enumerate(seeds):
         if seed in new:

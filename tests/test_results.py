@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from bn_jax import errors
+from bn_jax import locks
 from bn_jax import results
 
 
@@ -73,11 +74,11 @@ def test_a_garbage_line_in_the_middle_is_named_then_set_aside(tmp_path, capsys):
 
 def test_a_deleted_lock_stops_the_writer_before_it_records(tmp_path):
   results.Workdir(str(tmp_path), 'e')
-  results.check_lock(str(tmp_path))  # still ours
+  locks.check_lock(str(tmp_path))  # still ours
   os.remove(tmp_path / '.lock')
-  with pytest.raises(results.WorkdirInUse, match='.lock was deleted or replaced while this '
+  with pytest.raises(locks.WorkdirInUse, match='.lock was deleted or replaced while this '
                      'process .* stop every process using it, then rerun'):
-    results.check_lock(str(tmp_path))
+    locks.check_lock(str(tmp_path))
 
 
 def test_run_key_is_a_stable_hash_of_the_identity():
@@ -132,7 +133,7 @@ def test_one_writer_per_workdir_and_a_killed_holder_frees_it(tmp_path):
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'locked'
-    with pytest.raises(results.WorkdirInUse, match=rf'workdir {tmp_path} is in use by pid '
+    with pytest.raises(locks.WorkdirInUse, match=rf'workdir {tmp_path} is in use by pid '
                        rf'{holder.pid} on host .* use another --workdir'):
       results.Workdir(str(tmp_path), 'e')
   finally:

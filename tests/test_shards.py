@@ -14,6 +14,7 @@ from _limits import HANG_SECONDS
 
 from bn_jax import data
 from bn_jax import errors
+from bn_jax import locks
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import shards
@@ -55,8 +56,8 @@ def test_an_unsharded_process_waits_for_none_while_a_shard_holds_its_lock(tmp_pa
       print('held', flush=True); time.sleep(60)''')], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'held'
-    with pytest.raises(results.WorkdirInUse, match=r'in use by pid shard \(.lock.shard-0-of-2\)'):
-      results.lock(str(tmp_path))
+    with pytest.raises(locks.WorkdirInUse, match=r'in use by pid shard \(.lock.shard-0-of-2\)'):
+      locks.lock(str(tmp_path))
   finally:
     holder.kill()
     holder.wait()
