@@ -3,7 +3,7 @@
 # into a fresh workdir under $OUT (default runs/readme), timing each from process start.
 #   bash benchmarks/readme_numbers.sh            # all (about 25 minutes on a 2-core CPU)
 #   bash benchmarks/readme_numbers.sh bn_vs_no_bn batch_sizes   # some
-# The CNN claims (about an hour), the paper reproductions (about 50 minutes, each under 20
+# The CNN claims (about an hour), the paper reproductions (about 2 hours, each about 30
 # minutes) and the Setups section's CNN and ResNet lines run only when named: cnn_claims,
 # papers (or one of them, e.g. ioffe2015), cnn_b8, resnet20, resnet20_precise.
 set -euo pipefail
