@@ -2,6 +2,7 @@
 nothing and write the same report) and returns its report.md; shared by the reproductions'
 end-to-end tests."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,17 @@ from bn_jax import papers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user runs
+
+
+def load_script(name):
+  """experiments/papers/<name>.py as a module (its get_config, presets, findings)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(
+      ROOT, 'experiments', 'papers', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 VERDICTS = ('**reproduced**', '**not reproduced**', '**inconclusive**', '**invalid setup')
 
 

@@ -1,14 +1,12 @@
 """experiments/papers/hoffer2017.py: its arms, effects and presets, and end to end in quick
 mode."""
 
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
 
-from _paper_run import ROOT, run_quick
+from _paper_run import load_script, run_quick
 
 from bn_jax import checks
 from bn_jax import cli
@@ -17,11 +15,7 @@ from bn_jax import settings
 
 
 def _script():
-  path = os.path.join(ROOT, 'experiments', 'papers', 'hoffer2017.py')
-  spec = importlib.util.spec_from_file_location('hoffer2017', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('hoffer2017')
 
 
 hoffer = _script()

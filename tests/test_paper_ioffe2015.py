@@ -1,14 +1,12 @@
 """experiments/papers/ioffe2015.py: its budget points, steps to the target, the presets, and
 the script end to end in quick mode."""
 
-import importlib.util
-import os
 
 import ml_collections
 import numpy as np
 import pytest
 
-from _paper_run import ROOT
+from _paper_run import load_script
 from _paper_run import run_quick
 
 from bn_jax import cli
@@ -16,11 +14,7 @@ from bn_jax import settings
 
 
 def _script():
-  path = os.path.join(ROOT, 'experiments', 'papers', 'ioffe2015.py')
-  spec = importlib.util.spec_from_file_location('ioffe2015', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('ioffe2015')
 
 
 def test_budgets_are_the_early_points_then_every_last_one_to_the_end():

@@ -1,11 +1,9 @@
 """experiments/papers/santurkar2018.py: its presets, its checks, and end to end in quick mode."""
 
-import importlib.util
-import os
 
 import pytest
 
-from _paper_run import ROOT
+from _paper_run import load_script
 from _paper_run import run_quick
 
 from bn_jax import cli
@@ -13,11 +11,7 @@ from bn_jax import settings
 
 
 def _script():
-  path = os.path.join(ROOT, 'experiments', 'papers', 'santurkar2018.py')
-  spec = importlib.util.spec_from_file_location('santurkar2018', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('santurkar2018')
 
 
 S = _script()

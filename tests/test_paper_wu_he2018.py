@@ -2,15 +2,13 @@
 layer), the runs it trains, its checks and presets, its findings on hand-made runs (effects and
 gates), and the script end to end in quick mode."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _paper_run import ROOT
+from _paper_run import load_script
 from _paper_run import run_quick
 
 from bn_jax import checks
@@ -20,11 +18,7 @@ from bn_jax import verdicts
 
 
 def _script():
-  path = os.path.join(ROOT, 'experiments', 'papers', 'wu_he2018.py')
-  spec = importlib.util.spec_from_file_location('wu_he2018', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('wu_he2018')
 
 
 def _resolve(wu_he, **overridden):

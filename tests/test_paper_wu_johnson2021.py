@@ -2,14 +2,12 @@
 instability, the presets, and the script end to end in quick mode (its per-epoch PreciseBN and
 bias-corrected EMA at the last epoch equal the runs' own final numbers)."""
 
-import importlib.util
-import os
 import re
 
 import numpy as np
 import pytest
 
-from _paper_run import ROOT
+from _paper_run import load_script
 from _paper_run import run_quick
 
 from bn_jax import cli
@@ -19,11 +17,7 @@ from bn_jax import sweep
 
 
 def _script():
-  path = os.path.join(ROOT, 'experiments', 'papers', 'wu_johnson2021.py')
-  spec = importlib.util.spec_from_file_location('wu_johnson2021', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('wu_johnson2021')
 
 
 def _presets(wj):
