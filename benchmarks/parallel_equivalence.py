@@ -15,11 +15,11 @@ import jax
 import numpy as np
 
 from bn_jax import data
+from bn_jax import host
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import parallel
 from bn_jax import threefry
-from bn_jax import train
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
   dataset = data.load(args.data)
   n = args.devices
 
-  def fit(runner=train.ONE_DEVICE, **kwargs):
+  def fit(runner=host.ONE_DEVICE, **kwargs):
     model = models.create_model('mlp', dropout=0.0, **kwargs)
     _, states = loop.fit(model, dataset, batch_size=args.batch_size, max_steps=steps,
                           progress=False, runner=runner)

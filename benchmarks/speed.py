@@ -31,14 +31,14 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax import data as data_lib
+from bn_jax import host
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
-from bn_jax import timing
 from bn_jax import threefry
-from bn_jax import train
+from bn_jax import timing
 
 BATCH_SIZES = (16, 32, 64, 128, 256)
 FLOPS_PER_EXAMPLE = 6 * (784 * 128 + 128 * 10)  # forward + backward of the MLP's matmuls
@@ -59,7 +59,7 @@ def grid(dataset, epochs, cache_dir):
 
 def seeds_scaling(dataset, counts, epochs):
   """Train seconds (compile excluded) of one configuration with several seed counts."""
-  data = train.DeviceData.put(dataset)
+  data = host.DeviceData.put(dataset)
   model = models.create_model('mlp', norm='batch')
   out = {}
   for n in counts:
@@ -81,7 +81,7 @@ def matmul_rate(m=1024, reps=50):
 
 def step_seconds(dataset, model, batch_size, steps):
   """Seconds per train step of `model` (1 seed; `bn_jax.timing`, the claims' timer)."""
-  times = timing.step_times({'model': model}, train.DeviceData.put(dataset), batch_size, steps)
+  times = timing.step_times({'model': model}, host.DeviceData.put(dataset), batch_size, steps)
   return times['model']['train'][0]
 
 

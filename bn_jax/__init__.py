@@ -1,8 +1,10 @@
 """bn_jax: Batch Normalization and batch-size effects, studied in JAX/Flax.
 
 Modules, in the order data flows through them:
-  settings      defaults, run identity, config -> model, optimizer and fit arguments
+  defaults      the settings every experiment shares, their defaults and meaning
+  settings      run identity, config -> model, optimizer and fit arguments
   checks        every check on the settings, one message each
+  overrides     command-line settings a script would ignore, refused
   errors        the user errors (settings, data, workdir): one line, exit status 2
   cli           the command line of the experiment scripts
   data          data specs -> uint8 pixels, validation split, float inputs (lookup table)
@@ -15,10 +17,12 @@ Modules, in the order data flows through them:
   convs         the models' conv layers: XLA's, and the CPU forms that train fast
   optim         Optax optimizers, weight-decay masks, rate schedules
   train         TrainState, the pure train / eval steps, chunked and seed-stacked programs
+  host          batch order per epoch, the data on the device, the one-device runner
   parallel      the same programs data-parallel over devices and hosts
   schedule      epochs -> dispatched chunks and eval points
   programs      a configuration's programs lowered and compiled ahead, their fingerprint
-  loop          fit: a chunk at a time, divergence, validation, checkpoints, progress
+  loop          fit: a chunk at a time, divergence, validation, checkpoints
+  progress      the progress bar, or one line per epoch in a log file
   precise_bn    PreciseBN statistics and bias-corrected running averages
   checkpoint    Orbax checkpoints with checksums
   interrupt     SIGTERM / SIGINT: stop at a chunk boundary, checkpoint, resume

@@ -18,9 +18,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from bn_jax import checks
 from bn_jax import errors
 from bn_jax import interrupt
+from bn_jax import overrides
 from bn_jax import results
 from bn_jax import shards
 from bn_jax import threefry
@@ -53,7 +53,7 @@ def run(main, get_config, *, presets=None, grid_keys=(), workdir='runs/experimen
     overridden = config_flags.get_override_values(flags.FLAGS['config'])
     try:
       config = resolve(get_config(), overridden, presets)
-      checks.check_overrides(config, overridden, grid_keys)
+      overrides.check_overrides(config, overridden, grid_keys)
       main(config, flags.FLAGS.workdir)
     except shards.ShardDone as e:  # this shard's part is done; not an error
       print(e, flush=True)

@@ -6,7 +6,7 @@ A record's `code` names the code three ways:
     Python shapes a run (`HOST_MODULES`: data loading, data order, the schedule, the loop);
   programs: a hash of the configuration's compiled programs as JAX lowers them (init, train
     chunk, eval; StableHLO without source locations) and the JAX and jaxlib versions
-    (`programs_fingerprint`, from `loop.compile_programs`).
+    (`programs_fingerprint`, from `programs.compile_programs`).
 A finished run is re-used when its sources are today's, or when its host code and programs
 are: editing comments, docstrings, plots, tables, report text or a module the run never
 executes changes neither, while editing the model, norm, loss, step, optimizer, init, data
@@ -26,10 +26,11 @@ import jaxlib
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The modules whose host-side Python decides a run's numbers beyond its compiled programs:
-# which files and examples (data, sources), in what order and how many steps (train, schedule,
-# loop), on which devices (parallel), and the statistics recomputed after training
-# (precise_bn).
-HOST_MODULES = ('data', 'sources', 'train', 'schedule', 'loop', 'parallel', 'precise_bn')
+# which files and examples (data, sources), in what order and how many steps (host, train,
+# schedule, loop, programs), on which devices (parallel), and the statistics recomputed after
+# training (precise_bn).
+HOST_MODULES = ('data', 'sources', 'host', 'train', 'schedule', 'loop', 'programs', 'parallel',
+                'precise_bn')
 
 
 def version(script=None):

@@ -5,7 +5,7 @@ checks the chunk's mean loss for divergence, validates at the schedule's eval po
 one ends a chunk) and saves checkpoints at chunk boundaries, so progress bar, metrics and
 checkpoints cost no host sync per step. Its parts, in `_Run`: `train_epoch` (a chunk at a
 time), `evaluate`, `save` / `resume` (checkpoints), `final` (test and train metrics,
-PreciseBN, bias correction); `_Display` reports progress.
+PreciseBN, bias correction); `progress.Display` reports progress.
 """
 
 import dataclasses
@@ -17,24 +17,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from bn_jax import checkpoint
 from bn_jax import interrupt
 from bn_jax import precise_bn
-from bn_jax.programs import Programs  # pylint: disable=unused-import  (re-exported)
+from bn_jax import progress as progress_lib
 from bn_jax.programs import compile_programs
 from bn_jax.programs import eval_batch_size_on
 from bn_jax.programs import eval_blocks
-from bn_jax.programs import lower_programs  # pylint: disable=unused-import
-from bn_jax.programs import program_fingerprint  # pylint: disable=unused-import
 from bn_jax.programs import seed_keys
 from bn_jax.schedule import Schedule
-from bn_jax.train import DeviceData
-from bn_jax.train import ONE_DEVICE
-from bn_jax.train import epoch_order
-from bn_jax.train import host_inputs
-from bn_jax.train import means
+from bn_jax.host import DeviceData
+from bn_jax.host import ONE_DEVICE
+from bn_jax.host import epoch_order
+from bn_jax.host import host_inputs
+from bn_jax.host import means
 from bn_jax.train import without_optimizer
 
 # A seed has diverged at the first chunk whose mean training loss (loss sum / count over the
@@ -50,70 +47,43 @@ def fit(model, data, *, seeds=(0,), learning_rate=None, batch_size=32, epochs=5,
         programs=None, runner=ONE_DEVICE, checkpointer=None, divergence_loss=DIVERGENCE_LOSS,
         should_stop=None, logger=None, precise_bn_examples=0, optimizer=None, augment='none',
         loss_scale=False, bn_ema_bias_correction=None, save_states_at=(), on_save=None):
-  """Trains one configuration for every seed at once; returns (results per seed, states).
+  """Trains one configuration for every seed at once; returns (results per seed, host states).
 
-  Each result holds `history` (per epoch: train loss/accuracy as averages over the epoch's
-  batches in train mode, validation loss/accuracy at the epoch's end, seconds), `curve`
-  (validation at every eval point, with steps and examples seen and the learning rate of the
-  last step), `final` (last epoch's
-  numbers, test metrics, and eval-mode metrics over the whole training set) and `status`.
-  Validation runs at the `Schedule`'s eval points: after step floor(j * S / E + 1/2) of each
-  epoch of S steps, j = 1 .. E = `evals_per_epoch` (duplicates removed, the last at the
-  epoch's end), and at the last step where `max_steps` ends an epoch early.
-  Divergence: a seed has diverged (`status` 'diverged', `diverged_at` its epoch and step) at
-  the first chunk whose mean training loss (loss sum / count over the chunk) is not finite or
-  exceeds `divergence_loss` (default `DIVERGENCE_LOSS` = 100 ln 10, 100 times the loss of a
-  uniform guess over 10 classes); once every seed has diverged, training stops after that
-  epoch.
-  `runner` (default: one device) decides where the programs run; `parallel.DataParallel`
-  runs them over several devices and hosts. Returned states are host (numpy) arrays.
-  `logger` (e.g. `summaries.RunSummaries`) gets `start(step)`, then `scalars(step, values)`
-  at every eval point (validation and the learning rate), every epoch end (train metrics) and
-  the end (test metrics), then `close(final)`.
-  `optimizer`: an Optax transformation from `optim.make_optimizer` (default: Adam at
-  `learning_rate`, default 1e-3). With `programs` (from `compile_programs`, which takes the
-  rate, optimizer, augmentation and loss scaling), those four are the programs' own: passing
-  one too is an error.
-  `augment`: the train step's data augmentation (`bn_jax.augment`: 'none' | 'crop_flip'),
-  train mode only; with `programs`, their states' own. `loss_scale`: dynamic loss scaling
-  (float16 compute; `train.train_step`), likewise.
-  `precise_bn_examples` > 0 (PreciseBN, `bn_jax.precise_bn`): after training, BN's population
-  statistics are recomputed from that many training examples in batches of `batch_size`, and
-  `final` also holds `precise_val_*` and `precise_test_*` (loss, accuracy) with them (models
-  with running statistics only).
-  `bn_ema_bias_correction` = BN's momentum m (None: off): `final` also holds
-  `corrected_val_*` and `corrected_test_*` with the running averages bias-corrected for their
-  initial values (`precise_bn.bias_corrected`, after t steps: mean / (1 - m^t)).
-  `save_states_at`: steps (from the start of training) where a chunk ends and the run is
-  measured: each result's `saved` lists, per step, train-mode loss/accuracy averaged over the
-  steps since the previous such step, and eval-mode val/test loss/accuracy; `on_save(step,
-  variables)` then gets the host copies of the seeds' stacked {'params', 'batch_stats'}. The
-  states there equal those of a run with `max_steps` at that step, bit for bit, when the rate
-  schedule does not depend on the run's length (constant, or decays at fixed epochs).
-  `should_stop` (e.g. `interrupt.requested`) is asked at every chunk boundary before the last
-  step: when it is true, fit saves a checkpoint and raises `interrupt.Interrupted`.
-  With a `checkpoint.Checkpointer`, fit resumes from its newest good checkpoint and saves at
-  every epoch end (and every `every_steps`, at chunk boundaries); it closes it when done.
+  A result holds `history` (per epoch: train loss/accuracy averaged over the epoch's batches in
+  train mode, validation at the epoch's end, seconds), `curve` (validation at every eval point
+  of the `Schedule`, with steps, examples and the last step's rate), `final` (the last epoch's
+  numbers, test and eval-mode train metrics), `saved` and `status`.
+  - Divergence: a seed's `status` is 'diverged' (`diverged_at`: epoch, step) from the first
+    chunk whose mean training loss is not finite or exceeds `divergence_loss`; training stops
+    after the epoch where every seed has diverged.
+  - `optimizer` (`optim.make_optimizer`; default Adam at `learning_rate`, default 1e-3),
+    `augment` ('none' | 'crop_flip') and `loss_scale` (float16's dynamic loss scaling): with
+    `programs` (from `compile_programs`) these are the programs' own, and passing one is an error.
+  - `runner`: where programs run (one device, or `parallel.DataParallel`). `logger` (e.g.
+    `summaries.RunSummaries`): `start(step)`, `scalars(step, values)` at eval points, epoch ends
+    and the end, then `close(final)`.
+  - `precise_bn_examples` > 0: PreciseBN statistics from that many training examples, in
+    batches of `batch_size`; `final` gains `precise_val_*`, `precise_test_*`.
+    `bn_ema_bias_correction` = BN's momentum m: `final` gains `corrected_val_*`,
+    `corrected_test_*` (running averages / (1 - m^t) after t steps).
+  - `save_states_at`: steps where a chunk ends and the run is measured: `saved` lists train
+    metrics since the previous such step and eval-mode val/test metrics; `on_save(step,
+    variables)` gets the seeds' stacked {'params', 'batch_stats'}, equal bit for bit to a run's
+    with `max_steps` there when the rate schedule does not depend on the run's length.
+  - `checkpointer` (`checkpoint.Checkpointer`): resume from its newest good checkpoint, save at
+    epoch ends (and every `every_steps`), closed when done. `should_stop` (e.g.
+    `interrupt.requested`), asked at chunk boundaries: save, then raise `interrupt.Interrupted`.
   """
   data = data if isinstance(data, DeviceData) else DeviceData.put(data, runner)
   sched = Schedule(data.size('train'), batch_size, epochs, max_steps, chunk_steps,
                    evals_per_epoch, runner.num_devices, tuple(save_states_at))
-  given = dict(learning_rate=learning_rate, optimizer=optimizer, augment=augment,
-               loss_scale=loss_scale)
-  if programs is None:
-    programs = compile_programs(model, data, sched, seeds=list(seeds),
-                                eval_batch_size=eval_batch_size, runner=runner,
-                                **{**given, 'learning_rate': 1e-3 if learning_rate is None
-                                   else learning_rate})
-  elif [k for k in COMPILE_ARGS if given[k] != COMPILE_ARGS[k]]:
-    raise ValueError(f'fit: with `programs`, the rate, optimizer, augmentation and loss scaling '
-                     'are the programs\' own; pass '
-                     f'{[k for k in COMPILE_ARGS if given[k] != COMPILE_ARGS[k]]} to '
-                     'compile_programs instead.')
+  programs = _programs(programs, model, data, sched, seeds, eval_batch_size, runner,
+                       dict(learning_rate=learning_rate, optimizer=optimizer, augment=augment,
+                            loss_scale=loss_scale))
   run = _Run(model, data, sched, runner, list(seeds), eval_batch_size, divergence_loss,
              checkpointer, logger, should_stop, on_save)
   at = run.resume(programs.states)
-  display = _Display(progress, desc, seeds, sched.total_steps, at.step)
+  display = progress_lib.Display(progress, desc, seeds, sched.total_steps, at.step)
   try:
     for epoch in range(at.epoch, sched.num_epochs):
       if all(at.diverged_at):
@@ -134,6 +104,21 @@ def fit(model, data, *, seeds=(0,), learning_rate=None, batch_size=32, epochs=5,
            'steps_per_epoch': sched.steps_per_epoch,
            'compile_seconds': programs.compile_seconds}
           for s, seed in enumerate(seeds)], runner.get(at.states)
+
+
+def _programs(programs, model, data, sched, seeds, eval_batch_size, runner, given):
+  """`fit`'s programs: those given (then `given`, the compile arguments, must be defaults), or
+  compiled here."""
+  if programs is None:
+    rate = given['learning_rate']
+    return compile_programs(model, data, sched, seeds=list(seeds),
+                            eval_batch_size=eval_batch_size, runner=runner,
+                            **{**given, 'learning_rate': 1e-3 if rate is None else rate})
+  passed = [k for k in COMPILE_ARGS if given[k] != COMPILE_ARGS[k]]
+  if passed:
+    raise ValueError(f'fit: with `programs`, the rate, optimizer, augmentation and loss scaling '
+                     f'are the programs\' own; pass {passed} to compile_programs instead.')
+  return programs
 
 
 @dataclasses.dataclass
@@ -326,44 +311,8 @@ class _Run:
 
   def precise_stats(self, at, num_examples, batch_size):
     """PreciseBN statistics of every seed (stacked, on the runner's devices)."""
-    host = self.runner.get(at.states)
     arrays = self.runner.get(self.data.arrays)  # host copies: uint8 pixels, labels, table
-    per_seed = []
-    for s, seed in enumerate(self.seeds):
-      pick = lambda tree: jax.tree.map(lambda x: x[s], tree)  # pylint: disable=cell-var-from-loop
-      rows = self.data.splits['train'][precise_bn.sample(self.data.size('train'), num_examples,
-                                                         seed)]
-      per_seed.append(precise_bn.population_stats(
-          self.model, {'params': pick(host.params), 'batch_stats': pick(host.batch_stats)},
-          host_inputs(arrays, rows), batch_size))
-    return self.runner.put(jax.tree.map(lambda *x: np.stack(x), *per_seed))
-
-
-class _Display:
-  """Progress: tqdm's bar on a terminal; without one (a cluster job's log file), one plain line
-  per epoch: configuration, seeds, epoch and step, validation accuracy (mean over seeds), time
-  since the start and the time left at this pace. Process 0 only."""
-
-  def __init__(self, progress, desc, seeds, total_steps, start_step):
-    show = progress and jax.process_index() == 0
-    # disable=None: tqdm shows it only on a terminal (a log file gets no bar escape codes).
-    self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, leave=False,
-                    disable=None if show else True)
-    self.lines = show and self.bar.disable
-    self.desc, self.seeds, self.total = desc, list(seeds), total_steps
-    self.start_step, self.t0 = start_step, time.perf_counter()
-
-  def update(self, steps):
-    self.bar.update(steps)
-
-  def epoch(self, epoch, epochs, step, val_accuracy):
-    self.bar.set_postfix(val_acc=f'{np.nanmean(val_accuracy):.4f}')
-    if self.lines:
-      elapsed = time.perf_counter() - self.t0
-      left = elapsed / max(step - self.start_step, 1) * (self.total - step)
-      print(f'{self.desc} seeds {self.seeds}: epoch {epoch}/{epochs}, step {step}/{self.total}'
-            f', val acc {np.nanmean(val_accuracy):.4f}, {elapsed:.0f} s, ETA {left:.0f} s',
-            flush=True)
-
-  def close(self):
-    self.bar.close()
+    train = self.data.splits['train']
+    return self.runner.put(precise_bn.seeds_population_stats(
+        self.model, self.runner.get(at.states), self.seeds, len(train), num_examples,
+        lambda rows: host_inputs(arrays, train[rows]), batch_size))

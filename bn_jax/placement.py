@@ -6,9 +6,9 @@ import os
 
 import jax
 
+from bn_jax import host
 from bn_jax import parallel
 from bn_jax import settings
-from bn_jax import train
 
 
 def make_runner(config):
@@ -21,9 +21,9 @@ def make_runner(config):
       raise settings.ConfigError('placement=per_device runs in one process: drop it for '
                                  'multi-host data parallelism, or split a sweep over hosts '
                                  'with --config.shard=I/N (docs/scaling.md).')
-    return train.ONE_DEVICE
+    return host.ONE_DEVICE
   if (config.devices or jax.device_count()) == 1 and jax.process_count() == 1:
-    return train.ONE_DEVICE
+    return host.ONE_DEVICE
   return parallel.DataParallel(config.devices, config.parallel)
 
 
@@ -50,8 +50,8 @@ def lanes(config, runner, dataset, device_data, num_configs):
                                                   'concurrent_runs': threads})]
   lanes = []
   for device in jax.local_devices()[:max(1, num_configs)]:
-    one = train.OneDevice(device)
-    lanes.append(Lane(one, train.DeviceData.put(dataset, one), 1, {
+    one = host.OneDevice(device)
+    lanes.append(Lane(one, host.DeviceData.put(dataset, one), 1, {
         **common, 'count': 1, 'concurrent_runs': min(num_configs, len(jax.local_devices())),
         'device': device.id}))
   return lanes

@@ -70,6 +70,19 @@ def population_stats(model, variables, images, batch_size):
       variables['batch_stats'], averaged)
 
 
+def seeds_population_stats(model, states, seeds, num_train, num_examples, images_of,
+                           batch_size):
+  """`population_stats` for each seed of host `states` (seeds stacked on the leading axis),
+  over `images_of(rows)` of the seed's `sample`; stacked likewise."""
+  per_seed = []
+  for s, seed in enumerate(seeds):
+    variables = {'params': states.params, 'batch_stats': states.batch_stats}
+    variables = jax.tree.map(lambda x: x[s], variables)  # pylint: disable=cell-var-from-loop
+    images = images_of(sample(num_train, num_examples, seed))
+    per_seed.append(population_stats(model, variables, images, batch_size))
+  return jax.tree.map(lambda *x: np.stack(x), *per_seed)
+
+
 def sample(num_train, num_examples, seed):
   """The training examples PreciseBN uses for `seed`: a fixed random subset of
   `num_examples` (all of them when `num_examples` >= `num_train`)."""

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 
 from bn_jax import code_version
 from bn_jax import optim
-from bn_jax.train import ONE_DEVICE
+from bn_jax.host import ONE_DEVICE
 from bn_jax.train import TrainState
-from bn_jax.train import index_rows
+from bn_jax.host import index_rows
 from bn_jax.train import init_states
 from bn_jax.train import init_variables
 from bn_jax.train import states_of

@@ -24,12 +24,13 @@ import numpy as np
 from bn_jax import checks
 from bn_jax import code_version
 from bn_jax import data
+from bn_jax import host
 from bn_jax import interrupt
 from bn_jax import locks
 from bn_jax import loop
 from bn_jax import parallel
 from bn_jax import placement
-from bn_jax import programs
+from bn_jax import programs as programs_lib
 from bn_jax import results
 from bn_jax import reuse
 from bn_jax import settings
@@ -97,10 +98,10 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
     runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(
         settings.seed_list(c))
-  device_data = train.DeviceData.put(dataset, runner)
+  device_data = host.DeviceData.put(dataset, runner)
   fingerprint = functools.lru_cache(maxsize=None)(  # (run key, seeds trained together) -> str
-      lambda key, n: loop.program_fingerprint(**_programs_of(runs[key][0], device_data, runner),
-                                              seeds=list(range(n))))
+      lambda key, n: programs_lib.program_fingerprint(
+          **_programs_of(runs[key][0], device_data, runner), seeds=list(range(n))))
   finished = reuse.reusable(work, runs, code, config.on_code_change, save_states, fingerprint)
   todo = []  # (key, config, identity, seeds to train, seeds to record)
   mine = shards.assigned(shard, runs)
@@ -172,7 +173,7 @@ class _Trainer:
          contextlib.ExitStack() as stack:
       workers = [stack.enter_context(concurrent.futures.ThreadPoolExecutor(lane.threads))
                  for lane in lanes]
-      compiled = [pool.submit(lambda c, seeds, lane: loop.compile_programs(
+      compiled = [pool.submit(lambda c, seeds, lane: programs_lib.compile_programs(
           **_programs_of(c, lane.data, lane.runner), seeds=seeds), t[1], t[3], pick(j))
                   for j, t in enumerate(todo)]
       running = [workers[j % len(lanes)].submit(self.train_one, *t, programs, pick(j))
@@ -244,7 +245,7 @@ class _Trainer:
 
 
 def _programs_of(c, device_data, runner):
-  """`loop.compile_programs`' arguments but the seeds for configuration `c`."""
+  """`programs_lib.compile_programs`' arguments but the seeds for configuration `c`."""
   schedule = loop.Schedule(device_data.size('train'), c.batch_size, c.epochs, c.max_steps,
                            c.chunk_steps, c.evals_per_epoch, runner.num_devices)
   return dict(
@@ -309,7 +310,7 @@ class Study:
   def initial_variables(self, record, **overrides):
     """The variables a run started from (step 0): its seed's init under the configuration
     `overrides` describe (the same numbers `loop.fit` starts from)."""
-    keys = programs.seed_keys([record['seed']])[:, 0]
+    keys = programs_lib.seed_keys([record['seed']])[:, 0]
     model = self.model(**overrides)
     stacked = train.init_variables(model, keys, (1,) + self.dataset.image_shape)
     return jax.tree.map(lambda x: np.asarray(x[0]), stacked)

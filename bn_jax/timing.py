@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from bn_jax import host
 from bn_jax import train
 
 
@@ -22,7 +23,7 @@ def step_times(models, data, batch_size, steps=200, repeats=1):
 
   Args:
     models: {name: a Flax model of bn_jax.models}.
-    data: a `train.DeviceData`.
+    data: a `host.DeviceData`.
     batch_size: examples per step.
     steps: steps per timed chunk.
     repeats: rounds.
@@ -33,7 +34,7 @@ def step_times(models, data, batch_size, steps=200, repeats=1):
   """
   rngs = jax.random.split(jax.random.key(1), 1)
   n = data.size('train')
-  order = jax.device_put(np.stack([train.epoch_order(
+  order = jax.device_put(np.stack([host.epoch_order(
       0, 0, num_examples=n, batch_size=batch_size, num_rows=max(steps, -(-n // batch_size)))]))
   rows = jax.device_put(np.arange(steps * batch_size).reshape(steps, batch_size) % n)
   train_fn = lambda s: train.train_chunks(s, data.arrays, order, rngs, 0, steps)

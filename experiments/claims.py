@@ -21,6 +21,7 @@ from bn_jax import checks
 from bn_jax import claims
 from bn_jax import cli
 from bn_jax import health
+from bn_jax import host
 from bn_jax import ics
 from bn_jax import loop
 from bn_jax import report
@@ -28,7 +29,6 @@ from bn_jax import results
 from bn_jax import settings
 from bn_jax import sweep
 from bn_jax import timing
-from bn_jax import train
 from bn_jax import verdicts
 
 CLAIMS = ('lr', 'convergence', 'init', 'depth', 'regularization', 'shift', 'overhead',
@@ -278,7 +278,7 @@ def claim_ics(study, c, out, examples=256):
 def claim_overhead(study, c, out, repeats=5, steps=200):
   """7: time per train step and per eval step, and memory of params + state (measured anew
   on every call: a timing, not a training run)."""
-  data = train.DeviceData.put(study.dataset)
+  data = host.DeviceData.put(study.dataset)
   # BN and no BN timed in turn within each repeat: each ratio compares times seconds apart.
   times = timing.step_times({n: study.model(norm=n) for n in NORMS}, data, c.batch_size, steps,
                             repeats)

@@ -11,6 +11,7 @@ import signal
 import sys
 
 from bn_jax import data, settings, sweep, train  # pylint: disable=g-multiple-import
+from bn_jax import host
 
 
 class CountingChunks:
@@ -36,7 +37,7 @@ config.update(data='synthetic:400', val_fraction=0.25, seeds=2, epochs=3, batch_
               hidden=(16,), chunk_steps=3, checkpoint_every_steps=4, checkpoint_min_seconds=0,
               progress=False, compilation_cache=False,
               concurrent_runs=1)  # one configuration after the other: the kill lands in the 2nd
-runner = train.OneDevice()
+runner = host.OneDevice()
 runner.train_chunks = CountingChunks(kill_after)
 sweep.sweep(config, data.load(config.data, val_fraction=config.val_fraction),
                  [{'norm': 'batch'}, {'norm': 'none'}], experiment='kill_test',

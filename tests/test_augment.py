@@ -12,9 +12,11 @@ import pytest
 from bn_jax import augment
 from bn_jax import checkpoint
 from bn_jax import data
+from bn_jax import host
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import parallel
+from bn_jax import programs as programs_lib
 from bn_jax import train
 
 
@@ -90,7 +92,7 @@ def _state(augmentation, dropout=0.0):
 
 @pytest.mark.slow
 def test_train_step_augments_anew_every_step_and_eval_never(small_dataset):
-  device = train.DeviceData.put(small_dataset)
+  device = host.DeviceData.put(small_dataset)
   batch = train.gather_batch(device.arrays, jnp.arange(32))
   step, rng = jax.jit(train.train_step), jax.random.key(0)
   losses = {}
@@ -100,23 +102,23 @@ def test_train_step_augments_anew_every_step_and_eval_never(small_dataset):
   assert losses['none'][0] == losses['none'][1]
   assert losses['crop_flip'][0] != losses['crop_flip'][1]
   assert losses['crop_flip'][0] != losses['none'][0]
-  rows = train.index_rows(device.splits['val'], 50)
+  rows = host.index_rows(device.splits['val'], 50)
   plain, augmented = (jax.jit(train.evaluate)(_state(kind), device.arrays, rows)
                       for kind in augment.AUGMENTATIONS)
   jax.tree.map(np.testing.assert_array_equal, plain, augmented)
 
 
 def _augmented_programs(model, device, seeds, *, batch_size, epochs, chunk_steps=0,
-                        runner=train.ONE_DEVICE, **kwargs):
-  """`loop.compile_programs`' initial states with augment='crop_flip'."""
+                        runner=host.ONE_DEVICE, **kwargs):
+  """`programs_lib.compile_programs`' initial states with augment='crop_flip'."""
   sched = loop.Schedule(device.size('train'), batch_size, epochs, chunk_steps=chunk_steps,
                         num_devices=runner.num_devices, **kwargs)
-  programs = loop.compile_programs(model, device, sched, seeds=seeds, learning_rate=1e-3,
-                                   runner=runner)
+  programs = programs_lib.compile_programs(model, device, sched, seeds=seeds, learning_rate=1e-3,
+                                           runner=runner)
   return dataclasses.replace(programs, states=programs.states.replace(augment='crop_flip'))
 
 
-def _fit(model, device, seeds=(0,), runner=train.ONE_DEVICE, **kwargs):
+def _fit(model, device, seeds=(0,), runner=host.ONE_DEVICE, **kwargs):
   kwargs = {'batch_size': 32, 'epochs': 2, **kwargs}
   programs = _augmented_programs(model, device, list(seeds), runner=runner, **kwargs)
   return loop.fit(model, device, seeds=seeds, progress=False, programs=programs,
@@ -130,7 +132,7 @@ def _assert_trees_close(a, b, **tol):
 @pytest.fixture(scope='module')
 def cifar_like():
   """180 training examples of 32x32 RGB: 6 steps an epoch at batch 32, the last partial."""
-  return train.DeviceData.put(data.load('synthetic:200:32x32x3'))
+  return host.DeviceData.put(data.load('synthetic:200:32x32x3'))
 
 
 @pytest.mark.slow
@@ -148,7 +150,7 @@ def test_cnn_on_32x32x3_chunk_size_does_not_change_augmented_results(cifar_like)
 @pytest.mark.slow
 def test_vmapped_seeds_are_augmented_as_seeds_alone(small_dataset):
   model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
-  device = train.DeviceData.put(small_dataset)
+  device = host.DeviceData.put(small_dataset)
   together, s_together = _fit(model, device, seeds=(0, 1))
   alone, s_alone = _fit(model, device, seeds=(1,))
   _assert_trees_close(jax.tree.map(lambda x: x[1], s_together.params),
@@ -163,14 +165,14 @@ def test_augmented_run_on_4_devices_equals_one_device():
   device_data = data.load('synthetic:400', val_fraction=0.2)  # 320 train: 10 batches of 32
   runner = parallel.DataParallel(4)
   kwargs = {'norm': 'batch', 'hidden': (16,), 'dropout': 0.0}
-  _, one = _fit(models.create_model('mlp', **kwargs), train.DeviceData.put(device_data))
+  _, one = _fit(models.create_model('mlp', **kwargs), host.DeviceData.put(device_data))
   _, four = _fit(models.create_model('mlp', bn_axis_name=parallel.AXIS, **kwargs),
-                 train.DeviceData.put(device_data, runner), runner=runner)
+                 host.DeviceData.put(device_data, runner), runner=runner)
   _assert_trees_close(one.params, four.params, rtol=0, atol=1e-4)  # as tests/test_parallel.py
   _assert_trees_close(one.batch_stats, four.batch_stats, rtol=0, atol=1e-5)
 
 
-class _FailAfter(train.OneDevice):
+class _FailAfter(host.OneDevice):
   """One device that raises (a stand-in for a crash) on chunk number `n + 1`."""
 
   def __init__(self, n):
@@ -186,13 +188,13 @@ class _FailAfter(train.OneDevice):
 @pytest.mark.slow
 def test_resumed_augmented_run_is_bit_identical(small_dataset, tmp_path):
   model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
-  device = train.DeviceData.put(small_dataset)
+  device = host.DeviceData.put(small_dataset)
   kwargs = {'batch_size': 32, 'epochs': 2, 'chunk_steps': 3}
   fit = lambda directory, runner: loop.fit(
       model, device, seeds=(0, 1), progress=False, runner=runner,
       programs=_augmented_programs(model, device, [0, 1], **kwargs),
       checkpointer=checkpoint.Checkpointer(str(directory), every_steps=4), **kwargs)
-  _, whole = fit(tmp_path / 'whole', train.ONE_DEVICE)
+  _, whole = fit(tmp_path / 'whole', host.ONE_DEVICE)
   with pytest.raises(RuntimeError, match='injected fault'):
     fit(tmp_path / 'cut', _FailAfter(6))  # dies in epoch 2, after a checkpoint at step 10
   counting = _FailAfter(10**6)

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from bn_jax import checkpoint
+from bn_jax import host
 from bn_jax import loop
 from bn_jax import models
+from bn_jax import programs as programs_lib
 from bn_jax import train
 
 
-class FailAfter(train.OneDevice):
+class FailAfter(host.OneDevice):
   """Runs like one device, but raises (a stand-in for a crash) on chunk number `n + 1`."""
 
   def __init__(self, n):
@@ -28,13 +30,13 @@ class FailAfter(train.OneDevice):
     return train.train_chunks(*args)
 
 
-def _fit(dataset, directory, runner=train.ONE_DEVICE):
+def _fit(dataset, directory, runner=host.ONE_DEVICE):
   # 300 examples, batch 32: 10 steps an epoch, evals after 5 and 10, so chunks of at most 3
   # end at 3, 5, 8, 10; 3 epochs = 30 steps.
   model = models.create_model('mlp', norm='batch', hidden=(16,), dropout=0.2)
-  data = train.DeviceData.put(dataset)
+  data = host.DeviceData.put(dataset)
   sched = loop.Schedule(300, 32, epochs=3, chunk_steps=3, evals_per_epoch=2)
-  programs = loop.compile_programs(model, data, sched, seeds=[0, 1], learning_rate=1e-3)
+  programs = programs_lib.compile_programs(model, data, sched, seeds=[0, 1], learning_rate=1e-3)
   return loop.fit(model, data, seeds=(0, 1), batch_size=32, epochs=3, chunk_steps=3,
                    evals_per_epoch=2, progress=False, programs=programs, runner=runner,
                    checkpointer=checkpoint.Checkpointer(directory, keep=3, every_steps=4))

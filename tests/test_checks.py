@@ -11,6 +11,7 @@ import pytest
 
 from bn_jax import checks
 from bn_jax import data
+from bn_jax import overrides
 from bn_jax import settings
 from bn_jax import sweep
 
@@ -123,11 +124,11 @@ def test_settings_a_script_ignores_are_refused():
   config.norms = ('batch', 'none')
   with pytest.raises(settings.ConfigError, match=r'--config.norm is not used by this script.*'
                                                  r'set --config.norms instead'):
-    checks.check_overrides(config, {'norm': 'layer'}, grid_keys=('norm',))
+    overrides.check_overrides(config, {'norm': 'layer'}, grid_keys=('norm',))
   with pytest.raises(settings.ConfigError, match='--config.features is not used with '
                                                  'model=mlp'):
-    checks.check_overrides(config, {'features': (3,)})
-  checks.check_overrides(config, {'hidden': (3,), 'seeds': 2}, grid_keys=('norm',))
+    overrides.check_overrides(config, {'features': (3,)})
+  overrides.check_overrides(config, {'hidden': (3,), 'seeds': 2}, grid_keys=('norm',))
 
 
 def _script_config(norms=('batch', 'none'), **values):
@@ -167,7 +168,7 @@ def _script_config(norms=('batch', 'none'), **values):
 def test_settings_no_run_reads_are_refused(values, overridden, message):
   with pytest.raises(settings.ConfigError, match=message):
     grid_keys = () if values.get('norms', ()) is None else ('norm',)
-    checks.check_overrides(_script_config(**values), overridden, grid_keys)
+    overrides.check_overrides(_script_config(**values), overridden, grid_keys)
 
 
 @pytest.mark.parametrize('values, overridden, grid_keys', [
@@ -184,7 +185,7 @@ def test_settings_no_run_reads_are_refused(values, overridden, message):
     ({'norms': None}, {'bn_noise': 0.5, 'renorm_rmax': 2.0}, ('norm',)),
 ])
 def test_settings_some_run_reads_pass(values, overridden, grid_keys):
-  checks.check_overrides(_script_config(**values), overridden, grid_keys)
+  overrides.check_overrides(_script_config(**values), overridden, grid_keys)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,9 @@ from _limits import HANG_SECONDS
 
 from bn_jax import code_version
 from bn_jax import data
+from bn_jax import host
 from bn_jax import loop
+from bn_jax import programs as programs_lib
 from bn_jax import settings
 from bn_jax import sweep
 from bn_jax import train
@@ -52,21 +54,21 @@ def test_host_fingerprint_ignores_comments_and_docstrings_not_code(tmp_path):
   copy = _copy_host_modules(tmp_path)
   before = code_version.host_fingerprint(copy)
   assert before == code_version.host_fingerprint()
-  _edit(copy / 'train.py', 'def epoch_order(', '# A new comment.\ndef epoch_order(')
+  _edit(copy / 'host.py', 'def epoch_order(', '# A new comment.\ndef epoch_order(')
   _edit(copy / 'loop.py', '"""Trains one configuration', '"""Trains, reworded: one configuration')
   _edit(copy / 'schedule.py', '\n', '\n\n\n')  # layout
   assert code_version.host_fingerprint(copy) == before
-  _edit(copy / 'train.py', 'default_rng([seed, epoch])', 'default_rng([epoch, seed])')
+  _edit(copy / 'host.py', 'default_rng([seed, epoch])', 'default_rng([epoch, seed])')
   assert code_version.host_fingerprint(copy) != before  # another data order
 
 
 def _fingerprint(small_dataset, seeds=(0,), **overrides):
   config = settings.resolve(settings.base_config(), hidden=(8,), **overrides)
-  data_ = train.DeviceData.put(small_dataset)
+  data_ = host.DeviceData.put(small_dataset)
   schedule = loop.Schedule(300, config.batch_size, 1)
-  return loop.program_fingerprint(settings.make_model(config), data_, schedule, seeds=seeds,
-                                  learning_rate=config.learning_rate,
-                                  optimizer=settings.make_optimizer(config, 10, 10))
+  return programs_lib.program_fingerprint(settings.make_model(config), data_, schedule, seeds=seeds,
+                                          learning_rate=config.learning_rate,
+                                          optimizer=settings.make_optimizer(config, 10, 10))
 
 
 @pytest.mark.slow
@@ -91,11 +93,11 @@ def test_program_fingerprint_follows_the_numbers_not_the_seed_values(small_datas
 
 def test_compiled_programs_carry_the_fingerprint_of_their_lowering(small_dataset):
   config = settings.resolve(settings.base_config(), hidden=(8,))
-  data_ = train.DeviceData.put(small_dataset)
+  data_ = host.DeviceData.put(small_dataset)
   schedule = loop.Schedule(300, 32, 1)
-  programs = loop.compile_programs(settings.make_model(config), data_, schedule, seeds=(3,),
-                                   learning_rate=1e-3)
-  assert programs.fingerprint == loop.program_fingerprint(
+  programs = programs_lib.compile_programs(settings.make_model(config), data_, schedule, seeds=(3,),
+                                           learning_rate=1e-3)
+  assert programs.fingerprint == programs_lib.program_fingerprint(
       settings.make_model(config), data_, schedule, seeds=(0,), learning_rate=1e-3)
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import optax
 import pytest
 
+from bn_jax import host
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import optim
 from bn_jax import programs
+from bn_jax import programs as programs_lib
 from bn_jax import train
 
 
@@ -137,10 +139,10 @@ def test_step_budget_stops_mid_epoch(small_dataset):
 
 @pytest.mark.slow
 def test_one_thread_at_a_time_compiles_a_models_shared_programs(small_dataset, monkeypatch):
-  """Configurations of one model share its init and eval programs (`loop.compile_programs`):
+  """Configurations of one model share its init and eval programs (`programs_lib.compile_programs`):
   concurrent compiles of them would do the work twice and can interleave their writes of one
   persistent-cache file. Each init is slowed down so that unguarded threads would overlap."""
-  data = train.DeviceData.put(small_dataset)
+  data = host.DeviceData.put(small_dataset)
   inside, most, guard = collections.Counter(), collections.Counter(), threading.Lock()
 
   def slow_init_states(model, *args):
@@ -155,7 +157,7 @@ def test_one_thread_at_a_time_compiles_a_models_shared_programs(small_dataset, m
   monkeypatch.setattr(programs, 'init_states', slow_init_states)
   bn, plain = (models.create_model('mlp', norm=n, hidden=(7,)) for n in ('batch', 'none'))
   start = threading.Barrier(4)
-  compile_one = lambda model, batch_size: (start.wait(), loop.compile_programs(
+  compile_one = lambda model, batch_size: (start.wait(), programs_lib.compile_programs(
       model, data, loop.Schedule(data.size('train'), batch_size), seeds=(0,),
       learning_rate=1e-3))
   threads = [threading.Thread(target=compile_one, args=(m, b))
@@ -172,8 +174,8 @@ def test_equal_models_share_one_eval_program_whatever_the_optimizer(small_datase
   """Configurations that differ in batch size and optimizer object (a schedule), each with its
   own (equal) model object, compile one init and one eval program: bound methods compare their
   module by identity, so without the shared model each state's `apply_fn` would differ."""
-  data = train.DeviceData.put(small_dataset)
-  rows = train.index_rows(data.splits['val'], 1000)
+  data = host.DeviceData.put(small_dataset)
+  rows = host.index_rows(data.splits['val'], 1000)
   caches = lambda: [f._cache_size() for f in (train.init_variables, train.evaluate_seeds,
                                               train.states_of)]
   before = caches()
@@ -182,8 +184,8 @@ def test_equal_models_share_one_eval_program_whatever_the_optimizer(small_datase
     sched = loop.Schedule(data.size('train'), batch_size)
     tx = optim.make_optimizer('sgd', learning_rate=optax.cosine_decay_schedule(
         0.1, sched.total_steps))  # a new optimizer object every time
-    states = loop.compile_programs(model, data, sched, seeds=(0,), learning_rate=0.1,
-                                   optimizer=tx).states
+    states = programs_lib.compile_programs(model, data, sched, seeds=(0,), learning_rate=0.1,
+                                           optimizer=tx).states
     train.evaluate_seeds(train.without_optimizer(states), data.arrays, rows)  # as fit calls it
   assert caches() == [before[0] + 1, before[1] + 1, before[2] + 3]
   assert states.apply_fn.__self__ == model and states.apply_fn.__self__ is not model
@@ -215,9 +217,9 @@ def test_without_a_terminal_progress_is_a_line_per_epoch(small_dataset, capsys):
 
 def test_fit_refuses_compile_settings_next_to_compiled_programs(small_dataset):
   model = models.create_model('mlp', norm='batch', hidden=(8,))
-  data = train.DeviceData.put(small_dataset)
-  compiled = loop.compile_programs(model, data, loop.Schedule(300, 32, 1), seeds=[0],
-                                   learning_rate=1e-3)
+  data = host.DeviceData.put(small_dataset)
+  compiled = programs_lib.compile_programs(model, data, loop.Schedule(300, 32, 1), seeds=[0],
+                                           learning_rate=1e-3)
   for given in ({'learning_rate': 0.1}, {'augment': 'crop_flip'}, {'loss_scale': True},
                 {'optimizer': optim.make_optimizer('sgd', learning_rate=0.1)}):
     with pytest.raises(ValueError, match=f"pass \\['{next(iter(given))}'\\] to compile_programs"):

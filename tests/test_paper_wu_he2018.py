@@ -13,6 +13,7 @@ from _paper_run import run_quick
 
 from bn_jax import checks
 from bn_jax import cli
+from bn_jax import overrides
 from bn_jax import settings
 from bn_jax import verdicts
 
@@ -46,7 +47,7 @@ def test_the_cnn_pools_three_blocks_and_normalizes_its_dense_layer_only_when_ask
   assert len(shapes['batch_stats']) == 3
   assert not {'pools', 'dense_norm'} & set(settings.identity(plain))  # old run keys unchanged
   with pytest.raises(settings.ConfigError, match='--config.cnn_dense_norm'):
-    checks.check_overrides(settings.resolve(config, model='resnet'), {'cnn_dense_norm': True})
+    overrides.check_overrides(settings.resolve(config, model='resnet'), {'cnn_dense_norm': True})
 
 
 def test_each_run_has_ghost_groups_of_n_a_linear_rate_and_the_scaled_decays():

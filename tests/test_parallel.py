@@ -15,11 +15,12 @@ import pytest
 from _limits import HANG_SECONDS
 
 from bn_jax import data
+from bn_jax import host
 from bn_jax import loop
 from bn_jax import models
 from bn_jax import optim
 from bn_jax import parallel
-from bn_jax import train
+from bn_jax import programs as programs_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -32,7 +33,7 @@ def dataset():
   return data.load('synthetic:400', val_fraction=0.2)  # 320 train: 10 whole batches of 32
 
 
-def _fit(dataset, runner=train.ONE_DEVICE, epochs=2, loss_scale=False, optimizer=None,
+def _fit(dataset, runner=host.ONE_DEVICE, epochs=2, loss_scale=False, optimizer=None,
          **model_kwargs):
   model = models.create_model('mlp', hidden=(16,), **{'dropout': 0.0, **model_kwargs})
   return loop.fit(model, dataset, seeds=(0, 1), batch_size=32, epochs=epochs, progress=False,
@@ -136,11 +137,11 @@ def test_shard_map_and_pmap_agree_step_for_step(dataset):
 def test_running_averages_are_identical_on_every_device(dataset, bn_axis_name):
   runner = parallel.DataParallel(8)
   model = models.create_model('mlp', hidden=(16,), norm='batch', bn_axis_name=bn_axis_name)
-  data_on_devices = train.DeviceData.put(dataset, runner)
+  data_on_devices = host.DeviceData.put(dataset, runner)
   schedule = loop.Schedule(320, 32, epochs=1, num_devices=8)
-  programs = loop.compile_programs(model, data_on_devices, schedule, seeds=[0],
-                                    learning_rate=1e-3, runner=runner)
-  order = runner.put(train.epoch_order(0, 0, num_examples=320, batch_size=32,
+  programs = programs_lib.compile_programs(model, data_on_devices, schedule, seeds=[0],
+                                            learning_rate=1e-3, runner=runner)
+  order = runner.put(host.epoch_order(0, 0, num_examples=320, batch_size=32,
                                        num_rows=10)[None], split_last=True)
   rngs = runner.put(jax.random.split(jax.random.key(0), 1))
   states, _ = runner.train_chunks(programs.states, data_on_devices.arrays, order, rngs, 0, 10)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from bn_jax import checkpoint
+from bn_jax import host
 from bn_jax import interrupt
 from bn_jax import loop
 from bn_jax import models
+from bn_jax import programs as programs_lib
 from bn_jax import settings
 from bn_jax import sweep
-from bn_jax import train
 
 
 def _fit(dataset, **kwargs):
@@ -105,8 +106,8 @@ def test_initial_variables_are_those_a_run_starts_from(tmp_path, small_dataset):
   start = study.initial_variables({'seed': 3}, norm='batch')
   model = study.model(norm='batch')
   sched = loop.Schedule(300, 32, 1)
-  states = loop.compile_programs(model, train.DeviceData.put(small_dataset), sched, seeds=[3],
-                                 learning_rate=1e-3).states
+  states = programs_lib.compile_programs(model, host.DeviceData.put(small_dataset), sched,
+                                         seeds=[3], learning_rate=1e-3).states
   jax.tree.map(np.testing.assert_array_equal, start['params'],
                jax.tree.map(lambda x: x[0], states.params))
   other = study.initial_variables({'seed': 4}, norm='batch')

@@ -2,8 +2,8 @@
 
 import pytest
 
+from bn_jax import host
 from bn_jax import schedule
-from bn_jax import train
 
 
 def test_schedule_chunks_and_eval_points():
@@ -63,5 +63,5 @@ def test_several_devices_keep_batches_whole():
   sched = schedule.Schedule(300, 32, epochs=2, num_devices=8)
   assert sched.steps_per_epoch == 9 and sched.examples_per_epoch == 288
   assert sched.examples_after(10) == 288 + 32
-  order = train.epoch_order(0, 0, num_examples=300, batch_size=32, num_rows=9)
+  order = host.epoch_order(0, 0, num_examples=300, batch_size=32, num_rows=9)
   assert (order >= 0).all() and len(set(order.ravel())) == 288

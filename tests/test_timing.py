@@ -3,6 +3,7 @@
 import pytest
 
 from bn_jax import data as data_lib
+from bn_jax import host
 from bn_jax import models
 from bn_jax import timing
 from bn_jax import train
@@ -10,7 +11,7 @@ from bn_jax import train
 
 @pytest.mark.slow
 def test_models_are_timed_in_turn_within_each_round(monkeypatch):
-  data = train.DeviceData.put(data_lib.load('synthetic:64'))
+  data = host.DeviceData.put(data_lib.load('synthetic:64'))
   nets = {'batch': models.create_model('mlp', norm='batch', hidden=(8,)),
           'none': models.create_model('mlp', norm='none', hidden=(8,))}
   chunks, real = [], train.train_chunks

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from bn_jax import data
+from bn_jax import host
 from bn_jax import models
 from bn_jax import optim
 from bn_jax import train
@@ -91,7 +92,7 @@ def test_evaluate_counts_every_example_once(small_dataset, n, batch_size):
   state = _state()
   arrays = (small_dataset.test_pixels[:n], small_dataset.test_labels[:n],
             small_dataset.pixel_table())
-  rows = train.index_rows(np.arange(n), batch_size)
+  rows = host.index_rows(np.arange(n), batch_size)
   sums = jax.jit(train.evaluate)(state, arrays, rows)
   assert float(sums['count']) == n
   # The same sums from one pass over all n examples at once, in eval mode.
@@ -103,21 +104,21 @@ def test_evaluate_counts_every_example_once(small_dataset, n, batch_size):
 
 
 def test_epoch_order_is_a_padded_permutation():
-  order = train.epoch_order(0, 3, num_examples=10, batch_size=4, num_rows=4)
+  order = host.epoch_order(0, 3, num_examples=10, batch_size=4, num_rows=4)
   assert order.shape == (4, 4)
   flat = np.asarray(order).ravel()
   assert sorted(flat[flat >= 0]) == list(range(10)) and (flat < 0).sum() == 6
   assert (flat[10:] == -1).all()  # padding at the end: only the last batch is partial
-  again = train.epoch_order(0, 3, num_examples=10, batch_size=4, num_rows=4)
+  again = host.epoch_order(0, 3, num_examples=10, batch_size=4, num_rows=4)
   np.testing.assert_array_equal(order, again)  # a function of (seed, epoch) alone
-  other = train.epoch_order(0, 4, num_examples=10, batch_size=4, num_rows=4)
+  other = host.epoch_order(0, 4, num_examples=10, batch_size=4, num_rows=4)
   assert not np.array_equal(order, other)
 
 
 @pytest.mark.parametrize('standardize', [False, True])
 def test_pixels_stay_uint8_on_the_device_and_the_step_converts_like_numpy(standardize):
   ds = data.load('synthetic:200:8x8x3', standardize=standardize)  # 180 / 20 / 50 examples
-  device = train.DeviceData.put(ds)
+  device = host.DeviceData.put(ds)
   pixels, labels, table = device.arrays
   assert pixels.dtype == np.uint8 and pixels.shape == (250, 8, 8, 3)
   assert table.shape == (256, 3) and device.image_shape == (8, 8, 3)
@@ -133,14 +134,14 @@ def test_pixels_stay_uint8_on_the_device_and_the_step_converts_like_numpy(standa
   assert batch['image'].dtype == np.float32
   np.testing.assert_array_equal(batch['mask'], [True, True, True, False, True])
   np.testing.assert_array_equal(batch['label'], np.asarray(labels)[np.maximum(idx, 0)])
-  np.testing.assert_array_equal(train.host_inputs(jax.device_get(device.arrays), idx[idx >= 0]),
+  np.testing.assert_array_equal(host.host_inputs(jax.device_get(device.arrays), idx[idx >= 0]),
                                 expected[idx >= 0])
 
 
 def test_step_on_device_pixels_is_bit_identical_to_the_float_path(small_dataset):
   # Before pixels stayed uint8, the host fed the step float32 images: uint8 / 255 in numpy.
   # The device lookup must give those bits, and augment='none' must leave the step as it was.
-  device = train.DeviceData.put(small_dataset)
+  device = host.DeviceData.put(small_dataset)
   idx = np.arange(32, dtype=np.int32)[::-1]
   new = jax.jit(train.gather_batch)(device.arrays, idx)
   old = {'image': small_dataset.train_pixels[idx].astype(np.float32) / 255.0,
@@ -162,8 +163,8 @@ def test_one_program_runs_chunks_of_every_length(small_dataset):
   """`train_chunks` trains rows start .. stop-1 with run-time bounds: chunks (0, 3), (3, 4) and
   (4, 10) compile one program and train what one chunk (0, 10) trains."""
   model = models.create_model('mlp', norm='batch', hidden=(6,), dropout=0.2)
-  data_ = train.DeviceData.put(small_dataset)
-  order = np.stack([train.epoch_order(0, 0, num_examples=300, batch_size=32, num_rows=10)])
+  data_ = host.DeviceData.put(small_dataset)
+  order = np.stack([host.epoch_order(0, 0, num_examples=300, batch_size=32, num_rows=10)])
   rngs = jax.random.split(jax.random.key(1), 1)
   fresh = lambda: train.init_states(model, jax.random.split(jax.random.key(0), 1), 1e-3)
   compiled = train.train_chunks._cache_size()
@@ -192,8 +193,8 @@ def test_init_and_evaluation_programs_are_shared_across_optimizers(small_dataset
   from bn_jax import optim  # pylint: disable=g-import-not-at-top
   model = models.create_model('mlp', norm='batch', hidden=(7,))
   rngs = jax.random.split(jax.random.key(3), 2)
-  data_ = train.DeviceData.put(small_dataset)
-  rows = train.index_rows(np.arange(40), 20)
+  data_ = host.DeviceData.put(small_dataset)
+  rows = host.index_rows(np.arange(40), 20)
   inits, evals = train.init_variables._cache_size(), train.evaluate_seeds._cache_size()
   for name in ('adam', 'momentum', 'sgd'):
     states = train.init_states(model, rngs, 0.1, tx=optim.make_optimizer(name, learning_rate=0.1))
