@@ -44,11 +44,11 @@ BATCH_SIZES = (16, 32, 64, 128, 256)
 FLOPS_PER_EXAMPLE = 6 * (784 * 128 + 128 * 10)  # forward + backward of the MLP's matmuls
 
 
-def grid(dataset, epochs, cache_dir):
+def grid(dataset, epochs, cache_dir, batch_sizes=BATCH_SIZES):
   """The BN/no-BN x batch-size grid as the batch-size study runs it; (wall, train) seconds."""
   config = settings.base_config()
   config.update(seeds=1, epochs=epochs, progress=False, compilation_cache_dir=cache_dir)
-  specs = [{'norm': n, 'batch_size': b} for n in ('batch', 'none') for b in BATCH_SIZES]
+  specs = [{'norm': n, 'batch_size': b} for n in ('batch', 'none') for b in batch_sizes]
   t0 = time.perf_counter()
   records = sweep.sweep(config, dataset, specs, experiment='benchmark')
   wall = time.perf_counter() - t0
@@ -195,7 +195,7 @@ def _torch_step_ms(torch, net, shape, steps, warmup):
   return (time.perf_counter() - t0) / steps * 1e3
 
 
-def torch_grid(dataset, epochs):
+def torch_grid(dataset, epochs, batch_sizes=BATCH_SIZES):
   """The grid in plain PyTorch, eager, doing what bn_jax's grid does: the seed MLP, data on the
   device, index batches; each step's loss and correct predictions summed (on the device),
   validation loss and accuracy after every epoch, and at the end loss and accuracy on the test
@@ -224,7 +224,7 @@ def torch_grid(dataset, epochs):
   finals = {}  # per configuration: the keys of a bn_jax record's `final`
   t0 = time.perf_counter()
   for norm in ('batch', 'none'):
-    for batch_size in BATCH_SIZES:
+    for batch_size in batch_sizes:
       torch.manual_seed(0)
       layers = [torch.nn.Linear(784, 128, bias=norm == 'none')]
       if norm == 'batch':  # Keras' momentum 0.99 is PyTorch's 0.01
@@ -263,6 +263,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--data', default='idx:/usr/share/datasets/fashion-mnist')
   parser.add_argument('--epochs', type=int, default=5)
+  parser.add_argument('--batch_sizes', default=','.join(map(str, BATCH_SIZES)),
+                      help='the grid\'s batch sizes (each with and without BN)')
   parser.add_argument('--seed_counts', default='1,8,64')
   parser.add_argument('--seed_epochs', type=int, default=1)
   parser.add_argument('--skip_torch', action='store_true')
@@ -272,19 +274,20 @@ def main():
   args = parser.parse_args()
 
   dataset = data_lib.load(args.data)
+  batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
   out = {'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
-         'data': args.data, 'epochs': args.epochs, 'versions': results.versions(),
+         'data': args.data, 'epochs': args.epochs, 'batch_sizes': batch_sizes, 'versions': results.versions(),
          'machine': platform.machine(), 'cpus': os.cpu_count()}
   cache = tempfile.mkdtemp(prefix='bn_jax_bench_cache_')  # empty: the first grid runs cold
   atexit.register(shutil.rmtree, cache, ignore_errors=True)
   sweep.enable_compilation_cache(_cache(cache))
-  wall, train_s, acc = grid(dataset, args.epochs, cache)
+  wall, train_s, acc = grid(dataset, args.epochs, cache, batch_sizes)
   # `runs`: the runs' own wall times summed; configurations train concurrently
   # (placement.concurrent_runs), so this exceeds the wall time.
   out['grid_cold'] = {'wall': wall, 'runs': train_s,
                       'test_accuracy_min_max': [min(acc), max(acc)]}
   jax.clear_caches()  # the warm run reads the persistent cache the cold run filled
-  wall, train_s, _ = grid(dataset, args.epochs, cache)
+  wall, train_s, _ = grid(dataset, args.epochs, cache, batch_sizes)
   out['grid_warm'] = {'wall': wall, 'runs': train_s}
   counts = [int(c) for c in args.seed_counts.split(',')]
   out['seeds'] = {'epochs': args.seed_epochs, 'batch_size': 32,
@@ -299,7 +302,7 @@ def main():
                             eps * FLOPS_PER_EXAMPLE / rate}
   out['cnn_step_ms'] = {conv: cnn_step_ms(dataset, conv) for conv in ('patches', 'xla')}
   if not args.skip_torch:
-    out['torch_grid'] = torch_grid(dataset, args.epochs)
+    out['torch_grid'] = torch_grid(dataset, args.epochs, batch_sizes)
     out['cnn_step_ms']['torch'] = torch_cnn_step_ms()
   if args.resnet_steps:
     slow_xla = jax.default_backend() == 'cpu'  # ~1 min per step on a 2-core CPU

@@ -25,7 +25,8 @@ def test_speed_benchmark_writes_every_section_but_resnet(tmp_path):
   out = tmp_path / 'speed.json'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   run = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'speed.py'),
-                        '--data=synthetic:600', '--epochs=1', '--seed_counts=1,2',
+                        '--data=synthetic:600', '--epochs=1', '--batch_sizes=64,256',
+                        '--seed_counts=1,2',
                         '--skip_torch', '--resnet_steps=0', f'--out={out}'], capture_output=True,
                        text=True, timeout=HANG_SECONDS, env=env, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -33,6 +34,7 @@ def test_speed_benchmark_writes_every_section_but_resnet(tmp_path):
   assert {'grid_cold', 'grid_warm', 'seeds', 'matmul_flops', 'throughput',
           'cnn_step_ms'} <= set(result)
   assert set(result['cnn_step_ms']) == {'patches', 'xla'}
+  assert result['batch_sizes'] == [64, 256]
   assert set(result['seeds']['train_seconds']) == {'1', '2'}
   assert set(result['throughput']) == {'32', '256'}
   assert 'grid cold' in run.stdout

@@ -214,26 +214,6 @@ def _run_together(commands, envs, logs):
   return [p.returncode for p in procs]
 
 
-def _launch(nproc, ndev, out):
-  logs = [out.parent / f'{out.stem}_{i}.log' for i in range(nproc)]
-  with _reserved_port() as port:
-    codes = _run_together(
-        [[sys.executable, os.path.join(HERE, '_multihost_worker.py'), str(i), str(nproc),
-          str(ndev), str(port), str(out)] for i in range(nproc)], [ONE_DEVICE_ENV] * nproc, logs)
-  for code, log in zip(codes, logs):
-    assert code == 0, log.read_text()[-3000:]
-  return dict(np.load(out))
-
-
-@pytest.mark.slow
-def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
-  single = _launch(1, 4, tmp_path / 'single.npz')
-  multi = _launch(2, 2, tmp_path / 'multi.npz')
-  assert set(single) == set(multi)
-  for key in single:
-    np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
-
-
 # The multi-host test's experiment: tiny, and nothing written outside its workdirs.
 SCRIPT = os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py')
 TINY = ('--config.data=synthetic:400', '--config.epochs=1', '--config.seeds=2',
@@ -270,16 +250,15 @@ def _measurements(record):
 @pytest.mark.slow
 def test_readme_multihost_command_runs_as_written(tmp_path):
   """docs/devices.md's launch of several hosts, exactly as written, on 2 processes over loopback
-  (one CPU device each): both exit 0, process 0 alone records and prints, and its records hold
-  the numbers of 1 process on 2 devices (which runs at the same time)."""
-  two_devices = {**ONE_DEVICE_ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  with 2 CPU devices each: both exit 0, process 0 alone records and prints, and its records hold
+  the numbers of 1 process on 4 devices (which runs at the same time)."""
+  devices = lambda n: {**ONE_DEVICE_ENV, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
   logs = [tmp_path / f'{name}.log' for name in ('process0', 'process1', 'single')]
   with _reserved_port() as port:
     hosts = [[sys.executable, SCRIPT, *TINY, f'--workdir={tmp_path / "multi"}',
               *_readme_multihost_flags(f'127.0.0.1:{port}', 2, i)] for i in range(2)]
     single = [sys.executable, SCRIPT, *TINY, f'--workdir={tmp_path / "single"}']
-    codes = _run_together(hosts + [single], [ONE_DEVICE_ENV, ONE_DEVICE_ENV, two_devices],
-                          logs)
+    codes = _run_together(hosts + [single], [devices(2), devices(2), devices(4)], logs)
   for code, log in zip(codes, logs):
     assert code == 0, log.read_text()[-3000:]
   printed = [log.read_text() for log in logs]
@@ -289,7 +268,7 @@ def test_readme_multihost_command_runs_as_written(tmp_path):
   assert len(multi) == len(one) == 2 * 2  # BN and no BN, 2 seeds each
   for m, o in zip(multi, one):
     assert m['devices']['processes'] == 2 and o['devices']['processes'] == 1
-    assert m['devices']['count'] == o['devices']['count'] == 2
+    assert m['devices']['count'] == o['devices']['count'] == 4
     assert (m['run_key'], m['seed'], m['steps']) == (o['run_key'], o['seed'], o['steps'])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  _measurements(m), _measurements(o))
