@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from bn_jax import precise_bn
+from bn_jax import verdicts
 
 
 def layer_grad_norms(apply_fn, variables, images, labels):
@@ -58,3 +59,29 @@ def accuracy(model, variables, images, labels, batch_statistics=0, chunk=500):
 @functools.partial(jax.jit, static_argnums=0)  # Flax modules hash by their settings
 def _predict(model, variables, images):
   return model.apply(variables, images, train=False).argmax(-1)
+
+
+def table(rows, config, seconds):
+  """The claims study's claims.md: its findings decided together (`verdicts.decide`), their gates and the
+  rule."""
+  tested = verdicts.decide([r for r in rows if not r.get('not_run')])
+  decided = iter(tested)
+  rows = [{**r, 'verdict': 'not run'} if r.get('not_run') else next(decided) for r in rows]
+  lines = [f'# Claims for BN: {config.model} on {config.data}, {config.seeds} seeds, '
+           f'{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}',
+           '', f'Verdict rule: {verdicts.RULE}.', '',
+           '| claim | experiment | effect, 95% interval [adjusted] | gates | verdict | details |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    gates = f"{len(r['gates']) - len(r['failed'])} of {len(r['gates'])} passed"
+    lines.append(f'| {r["finding"]} | {r["experiment"]} | {verdicts.effect_text(r)} '
+                 f'{r["unit"]} | {gates} | {r["verdict"]} | {r["details"]} |')
+  lines += ['', 'Gates:'] + [f"- {r['finding']}: {'; '.join(r['gates'])}." for r in rows]
+  shape = ({'mlp': f'The MLP has hidden layers {tuple(config.hidden)}: one layer is a weak '
+            'test of claims about depth and optimization, which is why claim 4 uses deeper '
+            'MLPs.', 'cnn': f'The CNN has 3x3 conv blocks of {tuple(config.features)} channels; '
+            'claim 4 stacks more of them.'}[config.model])
+  if config.train_examples:
+    shape += f' Trained on a subset of {config.train_examples} training examples.'
+  lines += ['', f'{shape} Wall time: {seconds:.0f} s.', '']
+  return '\n'.join(lines)

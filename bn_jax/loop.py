@@ -59,9 +59,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=None, batch_size=32, epochs=5,
   - `optimizer` (`optim.make_optimizer`; default Adam at `learning_rate`, default 1e-3),
     `augment` ('none' | 'crop_flip') and `loss_scale` (float16's dynamic loss scaling): with
     `programs` (from `compile_programs`) these are the programs' own, and passing one is an error.
-  - `runner`: where programs run (one device, or `parallel.DataParallel`). `logger` (e.g.
-    `summaries.RunSummaries`): `start(step)`, `scalars(step, values)` at eval points, epoch ends
-    and the end, then `close(final)`.
+  - `runner`: one device, or `parallel.DataParallel`. `logger` (`summaries.RunSummaries`):
+    `start(step)`, `scalars(step, values)` at eval points and epoch ends, `close(final)`.
   - `precise_bn_examples` > 0: PreciseBN statistics from that many training examples, in
     batches of `batch_size`; `final` gains `precise_val_*`, `precise_test_*`.
     `bn_ema_bias_correction` = BN's momentum m: `final` gains `corrected_val_*`,
@@ -71,8 +70,8 @@ def fit(model, data, *, seeds=(0,), learning_rate=None, batch_size=32, epochs=5,
     variables)` gets the seeds' stacked {'params', 'batch_stats'}, equal bit for bit to a run's
     with `max_steps` there when the rate schedule does not depend on the run's length.
   - `checkpointer` (`checkpoint.Checkpointer`): resume from its newest good checkpoint, save at
-    epoch ends (and every `every_steps`), closed when done. `should_stop` (e.g.
-    `interrupt.requested`), asked at chunk boundaries: save, then raise `interrupt.Interrupted`.
+    epoch ends (and every `every_steps`). `should_stop` (`interrupt.requested`), asked at chunk
+    boundaries: save, then raise `interrupt.Interrupted`.
   """
   data = data if isinstance(data, DeviceData) else DeviceData.put(data, runner)
   sched = Schedule(data.size('train'), batch_size, epochs, max_steps, chunk_steps,

@@ -8,7 +8,6 @@ predicts to be small (`margin`), with the gates its test needs (`arm_gates`: eve
 did not diverge, and evaluated with warmed running averages).
 """
 
-import math
 import os
 
 import numpy as np
@@ -41,15 +40,6 @@ def finding(name, setting, values, unit, paper='', ours='', gates=(), margin=Non
                           setting=setting, paper=paper, ours=ours, why_fair=why_fair)
 
 
-def _number(x):
-  return 'nan' if not math.isfinite(x) else f'{x:.4g}'
-
-
-def _interval(interval):
-  low, high = interval
-  return f'[{_number(low)}, {_number(high)}]'
-
-
 def markdown(title, data, rows, notes=(), plots=(), details=''):
   """report.md's text: the title, the data, a table of `rows` (from `finding`, decided
   together), the rule, `details` (markdown, e.g. a table of every run), the notes (our
@@ -60,8 +50,7 @@ def markdown(title, data, rows, notes=(), plots=(), details=''):
            '| ours |', '|---|---|---|---|---|---|---|']
   for r in rows:
     margin = f", margin ±{r['margin']:g}" if r['margin'] is not None else ''
-    lines.append(f"| {r['finding']} | {r['setting']} | {_number(r['mean'])} "
-                 f"{_interval(r['interval'])} {_interval(r['interval_adjusted'])} {r['unit']} "
+    lines.append(f"| {r['finding']} | {r['setting']} | {verdicts.effect_text(r)} {r['unit']} "
                  f"({r['seeds']} seeds{margin}) | {len(r['gates']) - len(r['failed'])} of "
                  f"{len(r['gates'])} passed | **{r['verdict']}** | {r['paper']} | {r['ours']} |")
   lines += ['', f'Verdict rule: {RULE}.', '', 'Gates:']

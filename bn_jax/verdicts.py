@@ -96,6 +96,15 @@ def decide(rows, words=None):
   return out
 
 
+def effect_text(row):
+  """A decided finding's effect as its tables print it: 'mean [low, high] [adjusted low,
+  adjusted high]', 4 significant digits ('nan' where undefined)."""
+  number = lambda x: f'{x:.4g}' if math.isfinite(x) else 'nan'
+  span = lambda i: f'[{number(i[0])}, {number(i[1])}]'
+  return (f"{number(row['mean'])} {span(row['interval'])} "
+          f"{span(row.get('interval_adjusted', (math.nan, math.nan)))}")
+
+
 def _interval(row, k):
   """The finding's t-interval at level 1 - ALPHA / k (Bonferroni over the family)."""
   if not math.isfinite(row['se']):

@@ -368,35 +368,6 @@ RUNNERS = {'lr': claim_lr, 'init': claim_init, 'depth': claim_depth,
            'inference': claim_inference, 'ics': claim_ics}
 
 
-def markdown(rows, config, seconds):
-  """claims.md: the claims' findings decided together (`verdicts.decide`), their gates and the
-  rule."""
-  tested = verdicts.decide([r for r in rows if not r.get('not_run')])
-  decided = iter(tested)
-  rows = [{**r, 'verdict': 'not run'} if r.get('not_run') else next(decided) for r in rows]
-  number = lambda x: 'nan' if not np.isfinite(x) else f'{x:.4g}'
-  span = lambda i: f'[{number(i[0])}, {number(i[1])}]'
-  lines = [f'# Claims for BN: {config.model} on {config.data}, {config.seeds} seeds, '
-           f'{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}',
-           '', f'Verdict rule: {verdicts.RULE}.', '',
-           '| claim | experiment | effect, 95% interval [adjusted] | gates | verdict | details |',
-           '|---|---|---|---|---|---|']
-  for r in rows:
-    gates = f"{len(r['gates']) - len(r['failed'])} of {len(r['gates'])} passed"
-    lines.append(f'| {r["finding"]} | {r["experiment"]} | {number(r["mean"])} '
-                 f'{span(r["interval"])} {span(r.get("interval_adjusted", (np.nan,) * 2))} '
-                 f'{r["unit"]} | {gates} | {r["verdict"]} | {r["details"]} |')
-  lines += ['', 'Gates:'] + [f"- {r['finding']}: {'; '.join(r['gates'])}." for r in rows]
-  shape = ({'mlp': f'The MLP has hidden layers {tuple(config.hidden)}: one layer is a weak '
-            'test of claims about depth and optimization, which is why claim 4 uses deeper '
-            'MLPs.', 'cnn': f'The CNN has 3x3 conv blocks of {tuple(config.features)} channels; '
-            'claim 4 stacks more of them.'}[config.model])
-  if config.train_examples:
-    shape += f' Trained on a subset of {config.train_examples} training examples.'
-  lines += ['', f'{shape} Wall time: {seconds:.0f} s.', '']
-  return '\n'.join(lines)
-
-
 def main(config, workdir):
   checks.check_workdir(workdir)  # claims 7 and 8 write without a sweep
   selected = [name.strip() for name in config.claims.split(',') if name.strip()]
@@ -414,7 +385,7 @@ def main(config, workdir):
     rows += new
     print(f'{name}: ' + '; '.join(f"{r['finding']}: {r['mean']:.4g} {r['unit']}" for r in new),
           flush=True)  # verdicts come once every claim is in (one family)
-    text = markdown(rows, config, time.perf_counter() - t0)  # rewritten after every claim
+    text = claims.table(rows, config, time.perf_counter() - t0)  # rewritten after every claim
     results.atomic_write(os.path.join(workdir, 'claims.md'), text)
   print(text)
 
