@@ -24,8 +24,8 @@ VOLATILE = ('wall_seconds', 'compile_seconds', 'finished')
 
 def _sweep(workdir, kill_after=0):
   return subprocess.run([sys.executable, os.path.join(HERE, '_sweep_worker.py'), str(workdir),
-                         str(kill_after)], capture_output=True, text=True, timeout=HANG_SECONDS,
-                        env=ENV, check=False)
+                         str(kill_after), str(workdir.parent / 'jax_cache')], capture_output=True,
+                        text=True, timeout=HANG_SECONDS, env=ENV, check=False)
 
 
 def _records(workdir):

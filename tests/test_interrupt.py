@@ -23,7 +23,8 @@ def _command(workdir):
   return [sys.executable, os.path.join(ROOT, 'experiments', 'bn_vs_no_bn.py'),
           f'--workdir={workdir}', '--config.data=synthetic:600', '--config.seeds=2',
           '--config.epochs=20', '--config.chunk_steps=5', '--config.progress=false',
-          '--config.compilation_cache=false']
+          # one cache for the test's runs, one after another: the later ones compile nothing
+          f'--config.compilation_cache_dir={workdir.parent / "jax_cache"}']
 
 
 def _records(workdir):
