@@ -268,6 +268,7 @@ def main():
   parser.add_argument('--seed_counts', default='1,8,64')
   parser.add_argument('--seed_epochs', type=int, default=1)
   parser.add_argument('--skip_torch', action='store_true')
+  parser.add_argument('--cnn_steps', type=int, default=50, help='timed BN-CNN train steps')
   parser.add_argument('--resnet_steps', type=int, default=20,
                       help='timed ResNet-20 train steps (f); 0 skips the section')
   parser.add_argument('--out', default='speed.json')
@@ -300,10 +301,11 @@ def main():
     out['throughput'][b] = {'examples_per_s': eps, 'roofline_examples_per_s':
                             rate / FLOPS_PER_EXAMPLE, 'fraction_of_roofline':
                             eps * FLOPS_PER_EXAMPLE / rate}
-  out['cnn_step_ms'] = {conv: cnn_step_ms(dataset, conv) for conv in ('patches', 'xla')}
+  out['cnn_step_ms'] = {conv: cnn_step_ms(dataset, conv, steps=args.cnn_steps)
+                        for conv in ('patches', 'xla')}
   if not args.skip_torch:
     out['torch_grid'] = torch_grid(dataset, args.epochs, batch_sizes)
-    out['cnn_step_ms']['torch'] = torch_cnn_step_ms()
+    out['cnn_step_ms']['torch'] = torch_cnn_step_ms(steps=args.cnn_steps)
   if args.resnet_steps:
     slow_xla = jax.default_backend() == 'cpu'  # ~1 min per step on a 2-core CPU
     xla_steps = 1 if slow_xla else args.resnet_steps

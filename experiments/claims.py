@@ -63,7 +63,7 @@ def quick(config):
   overrides, so `--config.quick=true --config.seeds=5` trains 5 seeds."""
   config.update(data='synthetic:800', seeds=2, epochs=1, evals_per_epoch=2,
                 target_val_accuracy=0.5, lrs=(1e-3, 1e-1), init_scales=(0.3, 3.0),
-                depths=(2, 3), depth_width=16, activations=('relu',), shift_a=(0.5, 1.0),
+                depths=(3,), depth_width=16, activations=('relu',), shift_a=(0.5, 1.0),
                 shift_b=(0.0, 0.2), momenta=(0.9, 0.99), progress=False)
 
 

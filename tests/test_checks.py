@@ -3,11 +3,12 @@ message naming the setting and the fix; grid lists where a script has them; sett
 would ignore (or no run reads) are refused; what needs the data and the workdir is checked
 before a sweep writes anything."""
 
-import importlib.util
 import os
 import warnings
 
 import pytest
+
+from _scripts import load_script
 
 from bn_jax import checks
 from bn_jax import data
@@ -191,15 +192,6 @@ def test_settings_some_run_reads_pass(values, overridden, grid_keys):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script(name):
-  """An experiment script as a module (its `main` runs in this process)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments',
-                                                                   f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _tiny(**values):
   return settings.resolve(settings.base_config(), **{
       'data': 'synthetic:400', 'epochs': 1, 'seeds': 1, 'progress': False, 'devices': 1,
@@ -209,7 +201,7 @@ def _tiny(**values):
 def test_an_empty_workdir_is_refused_before_training_and_nothing_lands_here(tmp_path,
                                                                             monkeypatch):
   monkeypatch.chdir(tmp_path)
-  script = _script('bn_vs_no_bn')
+  script = load_script('bn_vs_no_bn', 'experiments')
   config = settings.resolve(script.get_config(), **_tiny().to_dict())
   with pytest.raises(settings.ConfigError, match=r'^--workdir is empty: pass --workdir=DIR, '
                                                  "the directory for the script's results"):
@@ -288,7 +280,7 @@ def test_a_compilation_cache_dir_that_cannot_be_a_directory_is_refused(tmp_path)
 
 
 def test_claims_refuse_a_missing_batch_size_study_before_writing(tmp_path):
-  script = _script('claims')
+  script = load_script('claims', 'experiments')
   config = script.get_config()
   config.update(data='synthetic:400', claims='batch_size', batch_sizes_workdir='/nonexistent')
   with pytest.raises(settings.ConfigError, match="^batch_sizes_workdir '/nonexistent' does not "

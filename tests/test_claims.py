@@ -1,7 +1,6 @@
 """The claims study's measurements on hand-made inputs, and the script end to end (its verdict
 rule is tested in test_verdicts.py)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import optax
 import pytest
 
 from _limits import HANG_SECONDS
+from _scripts import load_script
 
 from bn_jax import claims
 from bn_jax import cli
@@ -107,8 +107,7 @@ def test_study_trains_through_the_sweep_once_and_keeps_final_states(tmp_path, mo
 
 @pytest.mark.slow
 def test_claims_script_cnn_depth_quick(tmp_path):
-  out = _run_script(tmp_path, '--config.model=cnn', '--config.claims=depth',
-                    '--config.depths=(3,)')
+  out = _run_script(tmp_path, '--config.model=cnn', '--config.claims=depth')
   assert out.returncode == 0, out.stderr[-3000:]
   table = (tmp_path / 'claims.md').read_text()
   assert 'final val acc at depth 3 (cnn, width 16)' in table
@@ -143,19 +142,9 @@ def test_claims_script_quick_mode_end_to_end(tmp_path):
 
 
 def test_quick_preset_yields_to_command_line_flags():
-  script = _script()
+  script = load_script('claims', 'experiments')
   config = cli.resolve(script.get_config(), {'quick': True, 'seeds': 5}, {'quick': script.quick})
   assert config.seeds == 5  # the flag wins over the preset's 2 ...
   assert config.data == 'synthetic:800' and config.epochs == 1  # ... the rest of the preset holds
   assert cli.resolve(script.get_config(), {'seeds': 5}, {'quick': script.quick}).data == (
       settings.base_config().data)  # no preset unless asked for
-
-
-def _script():
-  """experiments/claims.py as a module."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-      'claims_script', os.path.join(root, 'experiments', 'claims.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from _paper_run import load_script, run_quick
+from _scripts import load_script, run_quick
 
 from bn_jax import checks
 from bn_jax import cli

@@ -3,8 +3,8 @@
 
 import pytest
 
-from _paper_run import load_script
-from _paper_run import run_quick
+from _scripts import load_script
+from _scripts import run_quick
 
 from bn_jax import cli
 from bn_jax import settings

@@ -320,17 +320,14 @@ def _run_script(script, workdir, *flags):
 
 
 @pytest.mark.slow
+# One refusal from each layer a script runs before its workdir: the command line (cli), the
+# script's grid (overrides) and the settings' checks (checks). Every check's own message is
+# tested in-process in test_checks.py.
 @pytest.mark.parametrize('flag, message', [
     ('--config.batchsize=3', 'unknown setting --config.batchsize (did you mean '
      '--config.batch_size?)'),
     ('--config.norm=layer', '--config.norm is not used by this script'),
     ('--config.bn_momentum=2', 'bn_momentum must be in [0, 1), got 2.0'),
-    ('--config.dropout=1.5', 'dropout must be in [0, 1), got 1.5'),
-    ('--config.eval_batch_size=0', 'eval_batch_size must be an integer >= 1, got 0'),
-    ('--config.evals_per_epoch=0', 'evals_per_epoch must be an integer >= 1, got 0'),
-    ('--config.activation=swish', "unknown activation 'swish'"),
-    ('--config.data=synthetic:abc', "unknown data spec 'synthetic:abc': use `tfds:NAME`"),
-    ('--config.model=vgg', "unknown model 'vgg'"),
 ])
 def test_refused_input_is_one_line_and_leaves_no_folder(tmp_path, flag, message):
   workdir = tmp_path / 'run'

@@ -1,6 +1,7 @@
-"""Runs a script of experiments/papers/ in quick mode and returns its report.md; shared by the
-reproductions' end-to-end tests. (A second call that trains nothing is the sweep's behaviour,
-tested once in test_sweep.py and test_claims.py.)"""
+"""The tests' access to the scripts: `load_script` (a script as a module) and `run_quick` (a
+script of experiments/papers/ in quick mode, its report.md; the reproductions' end-to-end
+tests). A second call that trains nothing is the sweep's behaviour, tested once in
+test_sweep.py and test_claims.py."""
 
 import importlib.util
 import os
@@ -15,10 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user runs
 
 
-def load_script(name):
-  """experiments/papers/<name>.py as a module (its get_config, presets, findings)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(
-      ROOT, 'experiments', 'papers', f'{name}.py'))
+def load_script(name, folder=os.path.join('experiments', 'papers')):
+  """<folder>/<name>.py (default: a paper's script) as a module: its get_config, presets,
+  findings, or its `main` to run in this process."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
