@@ -11,6 +11,7 @@ calls `main(config, workdir)` with the resolved config.
 
 import ast
 import difflib
+import json
 import sys
 
 from absl import app
@@ -98,7 +99,7 @@ def _refuse_unknown_keys(config, argv):
       close = difflib.get_close_matches(key, list(config.keys()), n=1)
       hint = f' (did you mean --config.{close[0]}?)' if close else ''
       _fail(f'unknown setting --config.{key}{hint}; the settings are those of the '
-            "script's get_config() and bn_jax/settings.py.")
+            "script's get_config() and bn_jax/defaults.py.")
     if '=' in arg and '.' not in name:
       _check_type(key, value, config[key])
 
@@ -125,6 +126,8 @@ def _check_type(key, value, default):
   except (ValueError, SyntaxError):
     ok = False
   if not ok:
+    if kind is tuple and default:  # an example of the default's kind: '("batch","none")'
+      words = f"a tuple, e.g. '({','.join(json.dumps(v) for v in default)})'"
     _fail(f'--config.{key}={value}: {key} takes {words} (default {default!r}).')
 
 

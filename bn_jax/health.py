@@ -37,7 +37,7 @@ def warnings(config, result):
                                       ('corrected_*', config.get('bn_ema_bias_correction')))
                 if on]
     fix = (f'the {" and ".join(controls)} numbers do not' if controls else
-           'use PreciseBN or bn_ema_bias_correction, or train longer')
+           'use PreciseBN (precise_bn_examples) or bn_ema_bias_correction, or train longer')
     out.append(f'cold running averages: after {result["steps"]} steps at momentum '
                f'{config["bn_momentum"]:g} they still hold {weight:.0%} of their initial values '
                f'(> {WARM:.0%}); eval-mode val_*/test_* numbers partly measure those ({fix})')

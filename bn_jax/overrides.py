@@ -60,15 +60,15 @@ def _refuse_unread(config, overridden, grid_keys):
     values = tuple(config[source]) if source != decider else (config[decider],)
     if set(values) & set(reads):
       continue
-    runs = (f'this script runs {decider}={_either(values, "and")} (--config.{source})'
-            if source != decider else f'this run has {decider}={_either(values)}')
-    fix = (f'list {_either(reads)} in --config.{source}' if source != decider else
-           f'set --config.{decider}={_either(reads[:1])}')
+    runs = (f'this script runs {decider}={either(values, "and")} (--config.{source})'
+            if source != decider else f'this run has {decider}={either(values)}')
+    fix = (f'list {either(reads)} in --config.{source}' if source != decider else
+           f'set --config.{decider}={either(reads[:1])}')
     raise settings.ConfigError(f'--config.{top} is not used: it applies only with {decider}='
-                               f'{_either(reads)}, and {runs}: drop it, or {fix}.')
+                               f'{either(reads)}, and {runs}: drop it, or {fix}.')
 
 
-def _either(values, word='or'):
+def either(values, word='or'):
   """'a', 'a or b', 'a, b or c' (booleans as the command line spells them)."""
   words = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
   return words[0] if len(words) == 1 else f'{", ".join(words[:-1])} {word} {words[-1]}'

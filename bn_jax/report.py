@@ -1,15 +1,21 @@
-"""Result records -> Markdown tables (mean ± std over seeds) and matplotlib plots."""
+"""Result records -> Markdown tables (mean ± std over seeds) and matplotlib plots (matplotlib
+is imported when the first plot is made, never by `import bn_jax`)."""
 
 import collections
 import io
 import sys
 
-import matplotlib
-import matplotlib.figure
-import matplotlib.ticker
 import numpy as np
 
 from bn_jax.results import atomic_write
+
+def _matplotlib():
+  """matplotlib with its figure and ticker modules, imported on first use."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top,unused-import
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top,unused-import
+  return matplotlib
+
 
 def to_target(curve, target):
   """The first validation point of a record's `curve` at or above `target`:
@@ -94,7 +100,7 @@ def plot_curves(records, path, keys=('model', 'norm')):
       ax.grid(alpha=0.3)
   for ax in axes[1]:
     ax.set_xlabel('epoch')
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_matplotlib().ticker.MaxNLocator(integer=True))
   axes[0, 0].legend()
   fig.suptitle('mean over seeds; band: min..max over seeds')
   save_figure(fig, path)
@@ -103,7 +109,7 @@ def plot_curves(records, path, keys=('model', 'norm')):
 def subplots(nrows=1, ncols=1, *, figsize, **kwargs):
   """(figure, axes) as `pyplot.subplots` gives them, without pyplot: a `matplotlib.figure.Figure`
   belongs to no backend and no global figure list (plots leave a notebook's backend alone)."""
-  fig = matplotlib.figure.Figure(figsize=figsize)
+  fig = _matplotlib().figure.Figure(figsize=figsize)
   return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
@@ -159,7 +165,7 @@ def plot_val_curves(records, path):
     row[1].set_title(f'norm={norm}: validation accuracy vs examples seen')
     row[0].set_xlabel('epoch')
     row[1].set_xlabel('training examples seen')
-    row[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    row[0].xaxis.set_major_locator(_matplotlib().ticker.MaxNLocator(integer=True))
     for ax in row:
       ax.grid(alpha=0.3)
     row[0].legend(fontsize=8)
@@ -168,7 +174,7 @@ def plot_val_curves(records, path):
 
 
 def _colors():
-  return matplotlib.rcParams['axes.prop_cycle'].by_key()['color'] * 4
+  return _matplotlib().rcParams['axes.prop_cycle'].by_key()['color'] * 4
 
 
 def plot_lines(path, x, series, *, xlabel, ylabel, xlog=False, title=''):

@@ -17,6 +17,18 @@ from bn_jax import results
 from bn_jax import settings
 
 
+def _threefry_hint(made_by, code):
+  """Why runs of this very code can be other programs: the scripts lower threefry unrolled
+  (`cli.run` calls `threefry.install()`), Python code may not."""
+  if made_by.get('threefry') is None or made_by['threefry'] == code.get('threefry'):
+    return ''
+  if made_by['threefry']:
+    return (' They were made with the threefry lowering the scripts install: call '
+            'bn_jax.threefry.install() first to share a script\'s workdir.')
+  return (' They were made without the threefry lowering the scripts install (in Python '
+          'without bn_jax.threefry.install()): use them from there, or retrain.')
+
+
 def reusable(work, runs, code, on_code_change, save_states, fingerprint):
   """The finished runs this sweep can use, by (run key, seed); applies `on_code_change` to
   those made by code that may give other numbers (`code_version.same_numbers`;
@@ -35,7 +47,8 @@ def reusable(work, runs, code, on_code_change, save_states, fingerprint):
         f'today\'s; made at commit {stale[0]["code"]["commit"]}'
         f'{" with uncommitted changes" if stale[0]["code"].get("dirty") else ""}): pass '
         '--config.on_code_change=retrain to train them again with this code, '
-        '--config.on_code_change=reuse to use them as they are, or use another --workdir.')
+        '--config.on_code_change=reuse to use them as they are, or use another --workdir.'
+        + _threefry_hint(stale[0]['code'], code))
   if stale and on_code_change == 'retrain':
     work.supersede(stale)
     for r in stale:

@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 
+from absl import logging as absl_logging
 import numpy as np
 
 from bn_jax import errors
@@ -201,13 +202,20 @@ def load_tfds(name, *, data_dir=None):
   except ImportError as e:
     raise errors.DataError(f'tfds:{name} needs tensorflow-datasets (`pip install '
                       f'tensorflow-datasets tensorflow-cpu`). ' + OFFLINE_HELP) from e
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # not TFDS's warnings on folders it skips
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # TFDS raises its own DatasetNotFoundError
-    raise errors.DataError(f'unknown TFDS dataset {name!r}: {e}') from e
-  if not builder.is_prepared() and not _reachable('storage.googleapis.com'):
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # TFDS raises its own DatasetNotFoundError
+      raise errors.DataError(f'unknown TFDS dataset {name!r}: {e}') from e
+    prepared = builder.is_prepared()
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  if not prepared and not _reachable('storage.googleapis.com'):
     raise errors.DataNotFound(f'tfds:{name} is not prepared in {builder.data_dir_root} and the '
-                          'network is unreachable, so TFDS cannot download it. ' + OFFLINE_HELP)
+                              'network is unreachable, so TFDS cannot download it. ' +
+                              OFFLINE_HELP)
   out = []
   for split in ('train', 'test'):
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=True)

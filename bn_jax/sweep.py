@@ -36,6 +36,7 @@ from bn_jax import reuse
 from bn_jax import settings
 from bn_jax import shards
 from bn_jax import summaries
+from bn_jax import threefry
 from bn_jax import train
 
 
@@ -87,15 +88,17 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   """
   runner = runner or placement.make_runner(config)
   configs = _validated(config, dataset, grid, runner, workdir)
-  code = code_version.version(script)
+  code = {**code_version.version(script), 'threefry': threefry.installed()}
   shard = shards.parse(config.shard)
   if shard and not workdir:
     raise settings.ConfigError(f'shard={config.shard!r} needs a --workdir the shards share.')
   work = (results.Workdir(workdir, experiment, resume=config.resume, overwrite=config.overwrite,
                           shard=shard) if workdir else None)
+  identities = [settings.identity(c, runner.num_devices, dataset.fingerprint) for c in configs]
+  if not save_states:
+    checks.check_distinct_runs(grid, configs, identities)
   runs = {}  # run key -> [config, identity, seeds]: a grid may name one configuration twice
-  for c in configs:
-    identity = settings.identity(c, runner.num_devices, dataset.fingerprint)
+  for c, identity in zip(configs, identities):
     runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(
         settings.seed_list(c))
   device_data = host.DeviceData.put(dataset, runner)
@@ -288,7 +291,7 @@ class Study:
     """Trains what is missing of `grid` (a list of overrides of the config); returns, per grid
     entry, its records (seeds in order)."""
     records = sweep(self.config, self.dataset, grid, experiment=self.experiment,
-                          workdir=self.workdir, save_states=True)
+                    workdir=self.workdir, save_states=True)
     out = []
     for overrides in grid:  # an entry may set its own `seeds`
       n = overrides.get('seeds', self.config.seeds)

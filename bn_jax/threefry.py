@@ -42,8 +42,17 @@ def threefry2x32(key1, key2, x1, x2):
   return x1, x2
 
 
+_installed = []
+
+
 def install():
   """Registers the unrolled lowering for CPU (again: no change); programs compiled after it use
   it. Programs lowered with and without it differ (`code_version`), their random bits do not."""
   mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True),
                          platform='cpu')
+  _installed.append(True)
+
+
+def installed():
+  """Whether this process lowers threefry unrolled (`install` was called); records keep it."""
+  return bool(_installed)

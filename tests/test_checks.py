@@ -287,3 +287,18 @@ def test_claims_refuse_a_missing_batch_size_study_before_writing(tmp_path):
                                                  'exist'):
     script.main(config, str(tmp_path / 'claims'))
   assert not os.listdir(tmp_path)  # no claims.md with the claim 'not run'
+
+
+def test_grid_entries_that_make_one_run_are_refused_unless_they_repeat_it(small_dataset):
+  config = _tiny(norm='none')
+  grid = [{'bn_momentum': 0.9}, {'bn_momentum': 0.99}]  # BN's momentum, without BN
+  with pytest.raises(settings.ConfigError, match=r"^grid entries \{'bn_momentum': 0\.9\} and "
+                     r"\{'bn_momentum': 0\.99\} are the same run: no run reads bn_momentum "
+                     r'\(bn_momentum applies only with norm=batch, .*and they have norm=none\)'):
+    sweep.sweep(config, small_dataset, grid, experiment='checks')
+  configs = [settings.resolve(config, **g) for g in grid]
+  checks.check_distinct_runs(grid, configs, [settings.identity(c) for c in configs[:1]] + [
+      settings.identity(settings.resolve(config, norm='batch', bn_momentum=0.99))])  # 2 runs
+  repeated = [{'norm': 'none'}, {}, {'seeds': 2}]  # one run, named thrice: fine
+  configs = [settings.resolve(config, **g) for g in repeated]
+  checks.check_distinct_runs(repeated, configs, [settings.identity(c) for c in configs])

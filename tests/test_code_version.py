@@ -18,6 +18,7 @@ from bn_jax import data
 from bn_jax import host
 from bn_jax import loop
 from bn_jax import programs as programs_lib
+from bn_jax import reuse
 from bn_jax import settings
 from bn_jax import sweep
 from bn_jax import train
@@ -191,3 +192,12 @@ def test_edits_in_a_copy_of_the_package_reuse_or_refuse_as_they_should(tmp_path)
   assert edited.returncode == 2, edited.stderr[-2000:]
   assert 'made by code that may give other numbers' in edited.stderr
   assert '--config.on_code_change=retrain' in edited.stderr
+
+
+def test_a_refusal_names_the_threefry_lowering_when_only_it_differs():
+  hint = reuse._threefry_hint  # pylint: disable=protected-access
+  made_by_script = {'sources': 's1', 'threefry': True}
+  assert 'call bn_jax.threefry.install() first' in hint(made_by_script, {'threefry': False})
+  assert 'use them from there' in hint({'threefry': False}, {'threefry': True})
+  assert not hint(made_by_script, {'threefry': True})
+  assert not hint({'sources': 's1'}, {'threefry': True})  # older records

@@ -36,7 +36,7 @@ def test_cold_running_averages_are_a_warning():
                             'still hold 1% of their initial values (> 1%)')
   (warning,) = _warnings(_run(steps=106))
   assert 'hold 34% of their initial values' in warning and warning.endswith(
-      '(use PreciseBN or bn_ema_bias_correction, or train longer)')
+      '(use PreciseBN (precise_bn_examples) or bn_ema_bias_correction, or train longer)')
   corrected = _run(steps=106)
   corrected['config'].update(bn_ema_bias_correction=True, precise_bn_examples=1000)
   assert _warnings(corrected)[0].endswith('(the precise_* and corrected_* numbers do not)')

@@ -48,7 +48,7 @@ def test_run_makes_one_record_per_seed_with_overrides_applied():
                                               data_content=dataset.fingerprint)
     assert r['run_key'] == results.run_key(r['identity'])
     assert set(r['code']) == {'sources', 'host', 'script', 'commit', 'dirty', 'programs',
-                              'program_seeds'}
+                              'program_seeds', 'threefry'}
   assert config.norm == 'batch'  # the caller's config is left as it was
 
 

@@ -78,7 +78,7 @@ def test_importing_bn_jax_changes_nothing_global():
       import sys, jax
       import bn_jax
       from bn_jax import checkpoint, claims, cli, loop, papers, report, sweep, verdicts
-      heavy = [m for m in ('matplotlib.pyplot', 'orbax.checkpoint', 'scipy', 'tensorboardX',
+      heavy = [m for m in ('matplotlib', 'orbax.checkpoint', 'scipy', 'tensorboardX',
                            'tensorflow') if m in sys.modules]
       bits = lambda: jax.jit(lambda k: jax.random.bits(k, (16, 128))).lower(
           jax.random.key(0)).compile().as_text()
