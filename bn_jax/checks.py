@@ -12,7 +12,6 @@ from bn_jax import data
 from bn_jax import models
 from bn_jax import norms
 from bn_jax import optim
-from bn_jax import overrides
 from bn_jax import parallel
 from bn_jax import resnet
 from bn_jax import schedule
@@ -302,22 +301,3 @@ def _check_bn_group(c, num_devices):
                '--config.bn_batch_of_one=warn to run anyway.')
     _check(c.bn_batch_of_one == 'warn', message)
     warnings.warn(message)
-
-
-def check_distinct_runs(grid, configs, identities):
-  """Refuses grid entries that set different values but make one run (the same identity): a
-  setting the grid varies is read by no run of it, e.g. bn_momentum with norm=none. (A study,
-  which indexes its runs by entry, may name one run twice.)"""
-  for i, identity in enumerate(identities):
-    j = identities.index(identity)
-    unread = sorted(k for k in set(grid[i]) | set(grid[j]) if configs[i][k] != configs[j][k]
-                    and k not in ('seeds', 'first_seed'))  # which seeds: one run's records
-    if not unread:
-      continue
-    why = [f'{k} applies only with {decider}={overrides.either(reads)}, and they have '
-           f'{decider}={configs[i][decider]}' for k in unread if k in overrides.READ_ONLY_WITH
-           for decider, reads in [overrides.READ_ONLY_WITH[k]]]
-    raise settings.ConfigError(
-        f'grid entries {grid[j]} and {grid[i]} are the same run: no run reads '
-        f'{", ".join(unread)}' + (f' ({"; ".join(why)})' if why else '') +
-        ': drop the entries that repeat a run, or vary a setting these runs read.')

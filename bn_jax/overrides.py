@@ -1,6 +1,8 @@
-"""Command-line settings a script would ignore, refused before it runs (`check_overrides`):
-a key its grid sets, the other model's widths, or a setting no run of the script reads
-(`READ_ONLY_WITH`). Each refusal is a `settings.ConfigError` naming the setting and the fix."""
+"""Settings a script would ignore, refused before it runs: on the command line
+(`check_overrides`: a key its grid sets, the other model's widths, or a setting no run of the
+script reads, `READ_ONLY_WITH`), or varied by its grid where no run reads them
+(`check_distinct_runs`). Each refusal is a `settings.ConfigError` naming the setting and the
+fix."""
 
 from bn_jax import norms
 from bn_jax import settings
@@ -72,3 +74,22 @@ def either(values, word='or'):
   """'a', 'a or b', 'a, b or c' (booleans as the command line spells them)."""
   words = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
   return words[0] if len(words) == 1 else f'{", ".join(words[:-1])} {word} {words[-1]}'
+
+
+def check_distinct_runs(grid, configs, identities):
+  """Refuses grid entries that set different values but make one run (the same identity): a
+  setting the grid varies is read by no run of it, e.g. bn_momentum with norm=none. (A study,
+  which indexes its runs by entry, may name one run twice.)"""
+  for i, identity in enumerate(identities):
+    j = identities.index(identity)
+    unread = sorted(k for k in set(grid[i]) | set(grid[j]) if configs[i][k] != configs[j][k]
+                    and k not in ('seeds', 'first_seed'))  # which seeds: one run's records
+    if not unread:
+      continue
+    why = [f'{k} applies only with {decider}={either(reads)}, and they have '
+           f'{decider}={configs[i][decider]}' for k in unread if k in READ_ONLY_WITH
+           for decider, reads in [READ_ONLY_WITH[k]]]
+    raise settings.ConfigError(
+        f'grid entries {grid[j]} and {grid[i]} are the same run: no run reads '
+        f'{", ".join(unread)}' + (f' ({"; ".join(why)})' if why else '') +
+        ': drop the entries that repeat a run, or vary a setting these runs read.')

@@ -28,6 +28,7 @@ from bn_jax import host
 from bn_jax import interrupt
 from bn_jax import locks
 from bn_jax import loop
+from bn_jax import overrides
 from bn_jax import parallel
 from bn_jax import placement
 from bn_jax import programs as programs_lib
@@ -96,7 +97,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
                           shard=shard) if workdir else None)
   identities = [settings.identity(c, runner.num_devices, dataset.fingerprint) for c in configs]
   if not save_states:
-    checks.check_distinct_runs(grid, configs, identities)
+    overrides.check_distinct_runs(grid, configs, identities)
   runs = {}  # run key -> [config, identity, seeds]: a grid may name one configuration twice
   for c, identity in zip(configs, identities):
     runs.setdefault(results.run_key(identity), [c, identity, set()])[2].update(
@@ -119,7 +120,7 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
     print(f'{workdir}{part}: {total - missing} of {total} runs finished before; training '
           f'{missing} runs in {len(todo)} configurations.', flush=True)
   # The settings the grid varies (TensorBoard names each run by those in its identity).
-  varied = {k for overrides in grid for k in overrides if len({repr(c[k]) for c in configs}) > 1}
+  varied = {k for entry in grid for k in entry if len({repr(c[k]) for c in configs}) > 1}
   trainer = _Trainer(experiment, work, code, save_states, varied,
                      isinstance(runner, parallel.DataParallel))
   trainer.train_all(todo, placement.lanes(config, runner, dataset, device_data, len(todo)),
@@ -293,8 +294,8 @@ class Study:
     records = sweep(self.config, self.dataset, grid, experiment=self.experiment,
                     workdir=self.workdir, save_states=True)
     out = []
-    for overrides in grid:  # an entry may set its own `seeds`
-      n = overrides.get('seeds', self.config.seeds)
+    for entry in grid:  # an entry may set its own `seeds`
+      n = entry.get('seeds', self.config.seeds)
       out.append(records[:n])
       records = records[n:]
     return out

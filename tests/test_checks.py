@@ -297,8 +297,8 @@ def test_grid_entries_that_make_one_run_are_refused_unless_they_repeat_it(small_
                      r'\(bn_momentum applies only with norm=batch, .*and they have norm=none\)'):
     sweep.sweep(config, small_dataset, grid, experiment='checks')
   configs = [settings.resolve(config, **g) for g in grid]
-  checks.check_distinct_runs(grid, configs, [settings.identity(c) for c in configs[:1]] + [
+  overrides.check_distinct_runs(grid, configs, [settings.identity(c) for c in configs[:1]] + [
       settings.identity(settings.resolve(config, norm='batch', bn_momentum=0.99))])  # 2 runs
   repeated = [{'norm': 'none'}, {}, {'seeds': 2}]  # one run, named thrice: fine
   configs = [settings.resolve(config, **g) for g in repeated]
-  checks.check_distinct_runs(repeated, configs, [settings.identity(c) for c in configs])
+  overrides.check_distinct_runs(repeated, configs, [settings.identity(c) for c in configs])
