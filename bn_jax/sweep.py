@@ -128,8 +128,8 @@ def sweep(config, dataset, grid, *, experiment, workdir=None, runner=None, save_
   every = {**finished, **trainer.recorded}
   if shard:
     every = _all_shards_done(work, runs, trainer.recorded, shard, missing)
-  return [every[results.run_key(settings.identity(c, runner.num_devices, dataset.fingerprint)),
-                s] for c in configs for s in settings.seed_list(c)]
+  return [every[results.run_key(identity), s]
+          for c, identity in zip(configs, identities) for s in settings.seed_list(c)]
 
 
 def _validated(config, dataset, grid, runner, workdir):

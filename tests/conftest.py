@@ -1,5 +1,6 @@
 """Shared fixtures: small generated data, never the network; 8 simulated CPU devices."""
 
+import functools
 import os
 
 # Before JAX starts: 8 CPU devices for the multi-device tests (single-device code uses one).
@@ -14,7 +15,12 @@ from bn_jax import threefry  # pylint: disable=g-import-not-at-top,wrong-import-
 threefry.install()  # the tests run the programs the scripts run
 
 
-@pytest.fixture(scope='session')
-def small_dataset():
-  """300 train / 100 val / 100 test generated examples."""
+@functools.lru_cache(maxsize=None)
+def _small_dataset():
   return data.load('synthetic:400', val_fraction=0.25)
+
+
+@pytest.fixture(scope='module')  # module fixtures build on it
+def small_dataset():
+  """300 train / 100 val / 100 test generated examples (made once per test process)."""
+  return _small_dataset()
